@@ -1,0 +1,113 @@
+//! `vm.json`: the VM's configuration, parsed strictly and validated before anything starts.
+//!
+//! The schema is documented in `resources/schema/vm.schema.json`. Relative paths are resolved
+//! against the directory of the config file, so a config works whatever the caller's cwd is.
+
+mod error;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use error::ConfigError;
+
+/// The whole VM description.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: KernelConfig,
+    pub machine: MachineConfig,
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelConfig {
+    /// A bzImage or an ELF vmlinux (PVH note or 64-bit entry).
+    pub path: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Passed to the kernel as is; defaults to `DEFAULT_CMDLINE`.
+    pub cmdline: Option<String>,
+}
+
+/// Used when the config gives no command line: a serial console and a reboot the VMM sees.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Describe the machine with ACPI tables (otherwise an MP table).
+    #[serde(default = "default_true")]
+    pub acpi: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    #[default]
+    Stdout,
+    File,
+    Off,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    #[serde(default)]
+    pub mode: SerialMode,
+    /// Output file for `mode: "file"` (created or truncated).
+    pub path: Option<PathBuf>,
+}
+
+impl VmConfig {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        Self::from_json(&text, base_dir)
+    }
+
+    /// Parses and validates config text; relative paths are taken from `base_dir`.
+    pub fn from_json(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let deserializer = &mut serde_json::Deserializer::from_str(text);
+        let mut config: VmConfig = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| error::describe_parse_error(&e))?;
+        config.resolve_paths(base_dir);
+        validate::validate(&config, &validate::HostLimits::read())?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base_dir.join(&*p);
+            }
+        };
+        resolve(&mut self.kernel.path);
+        if let Some(p) = self.kernel.initrd.as_mut() {
+            resolve(p);
+        }
+        if let Some(p) = self.serial.path.as_mut() {
+            resolve(p);
+        }
+    }
+
+    /// The command line the guest gets, before the VMM appends device parameters.
+    pub fn cmdline(&self) -> &str {
+        self.kernel.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+use std::io::Write;
+
+use super::validate::{validate, HostLimits};
+use super::*;
+
+fn kernel_file() -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(b"\x7fELF").unwrap();
+    f
+}
+
+fn parse(json: &str) -> Result<VmConfig, ConfigError> {
+    VmConfig::from_json(json, Path::new("/"))
+}
+
+fn minimal(kernel: &Path, machine: &str) -> String {
+    format!(
+        r#"{{"kernel": {{"path": "{}"}}, "machine": {machine}}}"#,
+        kernel.display()
+    )
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let k = kernel_file();
+    let cfg = parse(&minimal(k.path(), r#"{"vcpus": 2, "memory_mib": 64}"#)).unwrap();
+    assert_eq!(cfg.machine.vcpus, 2);
+    assert!(cfg.machine.acpi);
+    assert_eq!(cfg.serial.mode, SerialMode::Stdout);
+    assert_eq!(cfg.cmdline(), DEFAULT_CMDLINE);
+}
+
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vmlinux"), b"x").unwrap();
+    let json = r#"{"kernel": {"path": "vmlinux"}, "machine": {"vcpus": 1, "memory_mib": 64},
+        "serial": {"mode": "file", "path": "out/console.log"}}"#;
+    let cfg = VmConfig::from_json(json, dir.path()).unwrap();
+    assert_eq!(cfg.kernel.path, dir.path().join("vmlinux"));
+    assert_eq!(cfg.serial.path.unwrap(), dir.path().join("out/console.log"));
+}
+
+fn invalid_field(result: Result<VmConfig, ConfigError>) -> (String, String) {
+    match result {
+        Err(ConfigError::Invalid { field, message }) => (field, message),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}
+
+#[test]
+fn zero_vcpus_and_zero_memory_name_their_field() {
+    let k = kernel_file();
+    let (field, msg) = invalid_field(parse(&minimal(
+        k.path(),
+        r#"{"vcpus": 0, "memory_mib": 64}"#,
+    )));
+    assert_eq!(field, "machine.vcpus");
+    assert!(msg.contains("1 to 254"), "{msg}");
+    let (field, _) = invalid_field(parse(&minimal(
+        k.path(),
+        r#"{"vcpus": 1, "memory_mib": 0}"#,
+    )));
+    assert_eq!(field, "machine.memory_mib");
+}
+
+#[test]
+fn memory_beyond_the_host_is_refused() {
+    let k = kernel_file();
+    let text = minimal(k.path(), r#"{"vcpus": 1, "memory_mib": 4096}"#);
+    let mut cfg: VmConfig = serde_json::from_str(&text).unwrap();
+    cfg.resolve_paths(Path::new("/"));
+    let small_host = HostLimits {
+        memory_mib: Some(1024),
+    };
+    match validate(&cfg, &small_host) {
+        Err(ConfigError::Invalid { field, message }) => {
+            assert_eq!(field, "machine.memory_mib");
+            assert!(message.contains("1024 MiB"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(validate(
+        &cfg,
+        &HostLimits {
+            memory_mib: Some(8192)
+        }
+    )
+    .is_ok());
+}
+
+#[test]
+fn missing_kernel_and_initrd_files_are_named() {
+    let (field, msg) = invalid_field(parse(&minimal(
+        Path::new("/nonexistent/bzImage"),
+        r#"{"vcpus": 1, "memory_mib": 64}"#,
+    )));
+    assert_eq!(field, "kernel.path");
+    assert!(msg.contains("/nonexistent/bzImage"), "{msg}");
+    let k = kernel_file();
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}", "initrd": "/nope.cpio"}}, "machine": {{"vcpus": 1, "memory_mib": 64}}}}"#,
+        k.path().display()
+    );
+    assert_eq!(invalid_field(parse(&json)).0, "kernel.initrd");
+}
+
+#[test]
+fn unknown_field_gets_a_suggestion_and_its_path() {
+    let k = kernel_file();
+    let err = parse(&minimal(k.path(), r#"{"vcpu": 1, "memory_mib": 64}"#)).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("`machine`"), "{msg}");
+    assert!(msg.contains("did you mean `vcpus`?"), "{msg}");
+}
+
+#[test]
+fn malformed_json_reports_the_position() {
+    let msg = parse("{\"kernel\": {\"path\": \"x\"},\n \"machine\": {")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("malformed JSON at line 2"), "{msg}");
+}
+
+#[test]
+fn wrong_types_and_bad_serial_modes_are_explained() {
+    let k = kernel_file();
+    let msg = parse(&minimal(k.path(), r#"{"vcpus": "two", "memory_mib": 64}"#))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("machine.vcpus"), "{msg}");
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}}, "serial": {{"mode": "tty"}}}}"#,
+        k.path().display()
+    );
+    let msg = parse(&json).unwrap_err().to_string();
+    assert!(
+        msg.contains("serial.mode") && msg.contains("stdout"),
+        "{msg}"
+    );
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}}, "serial": {{"mode": "file"}}}}"#,
+        k.path().display()
+    );
+    assert_eq!(invalid_field(parse(&json)).0, "serial.path");
+}
+
+#[test]
+fn overlong_cmdline_is_refused() {
+    let k = kernel_file();
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}", "cmdline": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}}}}"#,
+        k.path().display(),
+        "a".repeat(4000)
+    );
+    assert_eq!(invalid_field(parse(&json)).0, "kernel.cmdline");
+}

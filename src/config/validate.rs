@@ -1,0 +1,127 @@
+//! Semantic checks that serde cannot express: ranges, files that must exist, host limits.
+
+use std::path::Path;
+
+use super::{ConfigError, SerialMode, VmConfig};
+use crate::arch::layout::CMDLINE_MAX_SIZE;
+
+/// xAPIC IDs are 8 bits and the IOAPIC takes one: 254 vCPUs at most.
+pub const MAX_VCPUS: u32 = 254;
+/// Below this no Linux kernel gets anywhere.
+pub const MIN_MEMORY_MIB: u64 = 8;
+
+/// What the host can give, read once per validation.
+pub struct HostLimits {
+    /// RAM plus swap, in MiB; `None` if /proc/meminfo is unreadable (then nothing is enforced).
+    pub memory_mib: Option<u64>,
+}
+
+impl HostLimits {
+    pub fn read() -> Self {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field_kib = |name: &str| -> Option<u64> {
+            let line = meminfo.lines().find(|l| l.starts_with(name))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        };
+        let memory_mib =
+            field_kib("MemTotal:").map(|ram| (ram + field_kib("SwapTotal:").unwrap_or(0)) / 1024);
+        Self { memory_mib }
+    }
+}
+
+pub fn validate(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError> {
+    validate_machine(config, host)?;
+    require_file(
+        "kernel.path",
+        &config.kernel.path,
+        "a bzImage or an ELF vmlinux",
+    )?;
+    if let Some(initrd) = &config.kernel.initrd {
+        require_file("kernel.initrd", initrd, "an initramfs archive")?;
+    }
+    validate_cmdline(config.cmdline())?;
+    validate_serial(config)
+}
+
+fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError> {
+    let machine = &config.machine;
+    if machine.vcpus == 0 || machine.vcpus > MAX_VCPUS {
+        return Err(ConfigError::invalid(
+            "machine.vcpus",
+            format!("{} is out of range; use 1 to {MAX_VCPUS}", machine.vcpus),
+        ));
+    }
+    if machine.memory_mib < MIN_MEMORY_MIB {
+        return Err(ConfigError::invalid(
+            "machine.memory_mib",
+            format!(
+                "{} MiB is too little to boot a kernel; use at least {MIN_MEMORY_MIB}",
+                machine.memory_mib
+            ),
+        ));
+    }
+    if let Some(limit) = host.memory_mib {
+        if machine.memory_mib > limit {
+            return Err(ConfigError::invalid(
+                "machine.memory_mib",
+                format!(
+                    "{} MiB is more than this host has ({limit} MiB of RAM and swap); lower it",
+                    machine.memory_mib
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn require_file(field: &str, path: &Path, what: &str) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::invalid(
+            field,
+            format!(
+                "{} is not a regular file; point it at {what}",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            field,
+            format!("cannot open {}: {e}; point it at {what}", path.display()),
+        )),
+    }
+}
+
+fn validate_cmdline(cmdline: &str) -> Result<(), ConfigError> {
+    if cmdline.contains('\0') {
+        return Err(ConfigError::invalid(
+            "kernel.cmdline",
+            "contains a NUL byte; remove it",
+        ));
+    }
+    // The kernel also needs room for the NUL terminator.
+    if cmdline.len() >= CMDLINE_MAX_SIZE {
+        return Err(ConfigError::invalid(
+            "kernel.cmdline",
+            format!(
+                "is {} bytes long; the limit is {} bytes",
+                cmdline.len(),
+                CMDLINE_MAX_SIZE - 1
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_serial(config: &VmConfig) -> Result<(), ConfigError> {
+    match (config.serial.mode, &config.serial.path) {
+        (SerialMode::File, None) => Err(ConfigError::invalid(
+            "serial.path",
+            "is required when serial.mode is \"file\"; give the output file's path",
+        )),
+        (SerialMode::Stdout | SerialMode::Off, Some(_)) => Err(ConfigError::invalid(
+            "serial.path",
+            "is only used with serial.mode \"file\"; remove it or set the mode",
+        )),
+        _ => Ok(()),
+    }
+}

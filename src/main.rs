@@ -1,0 +1,52 @@
+//! mvmm: one process, one VM. See README.md.
+
+mod arch;
+mod cli;
+mod config;
+mod loader;
+mod logger;
+mod terminal;
+mod vmm;
+
+use clap::Parser;
+
+/// Exit codes (README, "Exit codes").
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILURE: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+fn main() {
+    // clap exits with 2 on a bad command line and 0 for --help/--version.
+    let cli = cli::Cli::parse();
+    logger::init(cli.log_level.into());
+    let code = run(&cli);
+    terminal::restore();
+    // Exit without dropping the VM: the kernel tears it down with the process, which is much
+    // faster than closing the VM fd ourselves.
+    std::process::exit(code);
+}
+
+fn run(cli: &cli::Cli) -> i32 {
+    let config = match config::VmConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            log::error!("{e}");
+            return EXIT_USAGE;
+        }
+    };
+    match vmm::run(&config) {
+        Ok(exit) => {
+            let code = exit.exit_code();
+            if code == EXIT_OK {
+                log::info!("{}", exit.describe());
+            } else {
+                log::error!("{}", exit.describe());
+            }
+            code
+        }
+        Err(e) => {
+            log::error!("{e}");
+            e.exit_code()
+        }
+    }
+}

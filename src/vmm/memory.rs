@@ -1,0 +1,57 @@
+//! Guest RAM: where it goes around the MMIO hole, and its creation through vm-memory.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::arch::layout::{FOUR_GIB, MMIO_HOLE_START};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot map {mib} MiB of guest memory: {source}")]
+    Map {
+        mib: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// RAM regions for `size` bytes: below the 32-bit MMIO hole first, the rest above 4 GiB.
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut regions = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        regions.push((GuestAddress(FOUR_GIB), (size - low) as usize));
+    }
+    regions
+}
+
+/// Maps anonymous, lazily populated guest RAM (pages cost host memory only once touched).
+pub fn create_guest_memory(memory_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_regions(memory_mib << 20)).map_err(|source| {
+        MemoryError::Map {
+            mib: memory_mib,
+            source,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_memory_is_one_low_region() {
+        assert_eq!(ram_regions(64 << 20), vec![(GuestAddress(0), 64 << 20)]);
+        assert_eq!(
+            ram_regions(MMIO_HOLE_START),
+            vec![(GuestAddress(0), MMIO_HOLE_START as usize)]
+        );
+    }
+
+    #[test]
+    fn large_memory_skips_the_hole() {
+        let regions = ram_regions(3 << 30);
+        assert_eq!(regions.len(), 2);
+        assert_eq!(regions[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(regions[1].0, GuestAddress(FOUR_GIB));
+        assert_eq!(regions[1].1 as u64, (3 << 30) - MMIO_HOLE_START);
+    }
+}
