@@ -18,6 +18,13 @@ struct hvm_start_info {
 	uint32_t reserved;
 };
 
+struct hvm_modlist_entry {
+	uint64_t paddr;
+	uint64_t size;
+	uint64_t cmdline_paddr;
+	uint64_t reserved;
+};
+
 struct hvm_memmap_entry {
 	uint64_t addr;
 	uint64_t size;
@@ -26,7 +33,12 @@ struct hvm_memmap_entry {
 };
 
 /* Linux: offsets into struct boot_params (the "zero page"). */
+#define BP_ACPI_RSDP_ADDR	0x070
+#define BP_EXT_RAMDISK_IMAGE	0x0c0
+#define BP_EXT_RAMDISK_SIZE	0x0c4
 #define BP_EXT_CMD_LINE_PTR	0x0c8
+#define BP_RAMDISK_IMAGE	0x218
+#define BP_RAMDISK_SIZE		0x21c
 #define BP_E820_ENTRIES		0x1e8
 #define BP_CMD_LINE_PTR		0x228
 #define BP_E820_TABLE		0x2d0
@@ -60,6 +72,13 @@ static const char *parse_pvh(struct bootinfo *bi, const struct hvm_start_info *s
 		return "bad hvm_start_info magic";
 	if (si->cmdline_paddr)
 		bi->cmdline = phys(si->cmdline_paddr);
+	if (si->nr_modules && si->modlist_paddr) {
+		const struct hvm_modlist_entry *m = phys(si->modlist_paddr);
+
+		bi->initrd_addr = m->paddr;
+		bi->initrd_size = m->size;
+	}
+	bi->rsdp = si->rsdp_paddr;
 	if (si->version >= 1 && si->memmap_paddr) {
 		const struct hvm_memmap_entry *e = phys(si->memmap_paddr);
 
@@ -78,6 +97,11 @@ static const char *parse_linux(struct bootinfo *bi, const uint8_t *bp)
 
 	if (cmdline)
 		bi->cmdline = phys(cmdline);
+	bi->initrd_addr = *(const uint32_t *)(bp + BP_RAMDISK_IMAGE) |
+			  (uint64_t)*(const uint32_t *)(bp + BP_EXT_RAMDISK_IMAGE) << 32;
+	bi->initrd_size = *(const uint32_t *)(bp + BP_RAMDISK_SIZE) |
+			  (uint64_t)*(const uint32_t *)(bp + BP_EXT_RAMDISK_SIZE) << 32;
+	bi->rsdp = *(const uint64_t *)(bp + BP_ACPI_RSDP_ADDR);
 	if (n > BP_E820_MAX)
 		n = BP_E820_MAX;
 	for (uint32_t i = 0; i < n; i++)
@@ -90,6 +114,7 @@ const char *bootinfo_parse(struct bootinfo *bi, uint32_t protocol, uint64_t info
 	bi->protocol = protocol;
 	bi->cmdline = "";
 	bi->nr_mem = 0;
+	bi->initrd_addr = bi->initrd_size = bi->rsdp = 0;
 	if (!info)
 		return "no boot information pointer";
 	if (protocol == BOOT_PROTO_PVH)

@@ -23,6 +23,9 @@ struct mem_region {
 struct bootinfo {
 	uint32_t protocol;		/* BOOT_PROTO_* */
 	const char *cmdline;		/* never NULL, "" if none */
+	uint64_t initrd_addr;		/* 0 if none */
+	uint64_t initrd_size;
+	uint64_t rsdp;			/* ACPI RSDP address the VMM passed, 0 if none */
 	uint32_t nr_mem;
 	struct mem_region mem[BOOTINFO_MAX_MEM];
 };

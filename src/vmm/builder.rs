@@ -110,11 +110,6 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
 
     // Kernel, initrd, command line, boot information.
     let kernel = loader::load_kernel(&mem, &config.kernel.path)?;
-    log::info!(
-        "booting {} as {}",
-        config.kernel.path.display(),
-        kernel.format
-    );
     let initrd = match &config.kernel.initrd {
         Some(path) => Some(loader::load_initrd(&mem, path, &kernel)?),
         None => None,
@@ -133,6 +128,14 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         BootEntry::Pvh { .. } => boot_info::write_pvh_start_info(&mem, &info)?,
         BootEntry::Linux64 { .. } => boot_info::write_zero_page(&mem, kernel.setup_header, &info)?,
     }
+
+    log::info!(
+        "booting {} as {} ({} vCPUs, {} MiB)",
+        config.kernel.path.display(),
+        kernel.format,
+        machine.vcpus,
+        machine.memory_mib
+    );
 
     // vCPUs, configured for the kernel's entry protocol.
     let pio_bus = Arc::new(pio_bus);

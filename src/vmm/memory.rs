@@ -33,6 +33,47 @@ pub fn create_guest_memory(memory_mib: u64) -> Result<GuestMemoryMmap, MemoryErr
     })
 }
 
+/// Bytes of guest RAM the host has actually populated (resident), from /proc/self/smaps.
+/// Used to report the VMM's own memory overhead: peak RSS minus this.
+pub fn resident_guest_bytes(mem: &GuestMemoryMmap) -> Option<u64> {
+    use std::io::{BufRead, BufReader};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    let starts: Vec<u64> = mem
+        .iter()
+        .filter_map(|r| mem.get_host_address(r.start_addr()).ok())
+        .map(|p| p as u64)
+        .collect();
+    // Stream the file: collecting it would itself add to the RSS being measured.
+    let smaps = BufReader::new(std::fs::File::open("/proc/self/smaps").ok()?);
+    let mut in_guest_mapping = false;
+    let mut total_kib = 0;
+    for line in smaps.lines() {
+        let line = line.ok()?;
+        if let Some(range) = line.split_whitespace().next().filter(|w| w.contains('-')) {
+            let start = range
+                .split('-')
+                .next()
+                .and_then(|s| u64::from_str_radix(s, 16).ok());
+            if let Some(start) = start {
+                in_guest_mapping = starts.contains(&start);
+                continue;
+            }
+        }
+        if in_guest_mapping {
+            if let Some(kib) = line.strip_prefix("Rss:") {
+                total_kib += kib
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
+            }
+        }
+    }
+    Some(total_kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,11 @@ pub fn run(config: &VmConfig) -> Result<VmExit, VmmError> {
             break exit;
         }
     };
+    if log::log_enabled!(log::Level::Debug) {
+        if let Some(bytes) = memory::resident_guest_bytes(&built.mem) {
+            log::debug!("guest memory resident: {} KiB", bytes / 1024);
+        }
+    }
     // Keep the VM and its memory alive until the process exits (vCPU threads may still be in
     // KVM_RUN); the kernel's teardown at exit is faster than closing the VM fd ourselves.
     std::mem::forget(built);

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every test of mvmm on a fresh machine: installs what the tests need (idempotently),
+# then formatting, lints, unit tests and the integration tests against the real binary.
+# Needs root (it installs packages and the tests open /dev/kvm).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# Host packages the build and tests use. Each is checked first so a prepared machine does no
+# apt work at all.
+need_pkgs=()
+command -v gcc >/dev/null || need_pkgs+=(gcc)
+command -v objcopy >/dev/null || need_pkgs+=(binutils)
+command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
+command -v lz4 >/dev/null || need_pkgs+=(lz4)
+command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
+if ((${#need_pkgs[@]})); then
+    log "installing ${need_pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
+    echo "error: /dev/kvm is not usable by $(id -un); the integration tests boot real VMs" >&2
+    exit 1
+fi
+
+# The pinned Debian kernel for the real-kernel check, cached outside the repo.
+log "fetching the pinned Debian kernel (cached)"
+bash resources/guest/fetch-kernel.sh >/dev/null
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo test"
+cargo test --workspace --locked

@@ -1,0 +1,172 @@
+//! Shared helpers for the integration tests: run the real mvmm binary against the test guest.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn mvmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_mvmm")
+}
+
+/// The test guest image in one of its forms: "pvh", "elf64" or "bzimage".
+pub fn testguest(form: &str) -> PathBuf {
+    let name = match form {
+        "pvh" => "testguest-pvh.elf",
+        "elf64" => "testguest-elf64.elf",
+        "bzimage" => "testguest.bzImage",
+        other => panic!("unknown test guest form {other}"),
+    };
+    Path::new(env!("MVMM_TESTGUEST_DIR")).join(name)
+}
+
+/// A temporary directory holding a vm.json.
+pub struct VmDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl VmDir {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn write_config(&self, json: &str) -> PathBuf {
+        let path = self.path("vm.json");
+        std::fs::write(&path, json).unwrap();
+        path
+    }
+}
+
+/// A vm.json for `kernel` with the given machine and command line.
+pub fn config_json(kernel: &Path, vcpus: u32, memory_mib: u64, cmdline: &str) -> String {
+    serde_json::json!({
+        "kernel": {"path": kernel, "cmdline": cmdline},
+        "machine": {"vcpus": vcpus, "memory_mib": memory_mib},
+    })
+    .to_string()
+}
+
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl RunOutput {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// Both streams, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "status: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+pub fn spawn_mvmm(args: &[&str]) -> Child {
+    Command::new(mvmm_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mvmm")
+}
+
+/// Waits for `child` up to `timeout`; kills it and fails the test if it takes longer.
+pub fn wait_with_timeout(mut child: Child, timeout: Duration) -> RunOutput {
+    let start = Instant::now();
+    // Drain pipes on threads so a chatty child never blocks on a full pipe.
+    // A stream the caller already took reads as empty.
+    let drain = |stream: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            if let Some(mut stream) = stream {
+                let _ = stream.read_to_end(&mut s);
+            }
+            s
+        })
+    };
+    let out_thread = drain(
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let err_thread = drain(
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            let stdout = String::from_utf8_lossy(&out_thread.join().unwrap()).into_owned();
+            let stderr = String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned();
+            panic!(
+                "mvmm did not exit within {timeout:?}; killed ({status:?})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    RunOutput {
+        status,
+        stdout: String::from_utf8_lossy(&out_thread.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned(),
+        elapsed,
+    }
+}
+
+pub fn run_mvmm(args: &[&str], timeout: Duration) -> RunOutput {
+    wait_with_timeout(spawn_mvmm(args), timeout)
+}
+
+pub fn run_config(config: &Path, timeout: Duration) -> RunOutput {
+    run_mvmm(&["--config", config.to_str().unwrap()], timeout)
+}
+
+/// One `e820:` line of the test guest's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Line {
+    pub start: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+pub fn parse_e820(stdout: &str) -> Vec<E820Line> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("e820: "))
+        .map(|rest| {
+            let field = |name: &str| {
+                rest.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in e820 line {rest:?}"))
+            };
+            E820Line {
+                start: u64::from_str_radix(field("start=0x"), 16).unwrap(),
+                size: u64::from_str_radix(field("size=0x"), 16).unwrap(),
+                kind: field("type=").parse().unwrap(),
+            }
+        })
+        .collect()
+}
