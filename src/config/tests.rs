@@ -110,7 +110,7 @@ fn unknown_field_gets_a_suggestion_and_its_path() {
     let k = kernel_file();
     let err = parse(&minimal(k.path(), r#"{"vcpu": 1, "memory_mib": 64}"#)).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("`machine`"), "{msg}");
+    assert!(msg.contains("`machine.vcpu`"), "{msg}");
     assert!(msg.contains("did you mean `vcpus`?"), "{msg}");
 }
 

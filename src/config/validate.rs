@@ -9,6 +9,9 @@ use crate::arch::layout::CMDLINE_MAX_SIZE;
 pub const MAX_VCPUS: u32 = 254;
 /// Below this no Linux kernel gets anywhere.
 pub const MIN_MEMORY_MIB: u64 = 8;
+/// 64 TiB: far beyond any host, and keeps byte sizes well inside u64 even when the host's
+/// limit cannot be read.
+pub const MAX_MEMORY_MIB: u64 = 64 << 20;
 
 /// What the host can give, read once per validation.
 pub struct HostLimits {
@@ -58,6 +61,12 @@ fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigEr
                 "{} MiB is too little to boot a kernel; use at least {MIN_MEMORY_MIB}",
                 machine.memory_mib
             ),
+        ));
+    }
+    if machine.memory_mib > MAX_MEMORY_MIB {
+        return Err(ConfigError::invalid(
+            "machine.memory_mib",
+            format!("{} MiB is above mvmm's limit of {MAX_MEMORY_MIB} MiB", machine.memory_mib),
         ));
     }
     if let Some(limit) = host.memory_mib {

@@ -244,7 +244,7 @@ mod tests {
         assert_eq!(params.e820_entries as usize, e820.len());
         let third = params.e820_table[2];
         assert_eq!(
-            ({ third.addr }, { third.type_ }),
+            ({ third.addr }, { third.r#type }),
             (layout::HIMEM_START, E820_RAM)
         );
     }
