@@ -1,6 +1,7 @@
 //! The real-kernel check: a pinned stock Debian cloud kernel, booted by mvmm as a bzImage and
-//! as an ELF vmlinux (PVH), must print its banner, our exact command line and an e820 map that
-//! adds up to the configured memory. On this machine's software KVM (PVM) the kernel cannot get
+//! as an ELF vmlinux (PVH), must print its banner, our exact command line, an e820 map that
+//! adds up to the configured memory, our ACPI tables (RSDP, XSDT, FACP, DSDT, APIC), the SMBIOS
+//! system and every vCPU. On this machine's software KVM (PVM) the kernel cannot get
 //! much further; on hardware KVM it boots fully. The early lines are its verdict on our loader,
 //! boot parameters, e820 map, serial port and ACPI tables.
 
@@ -15,6 +16,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MEMORY_MIB: u64 = 512;
+const VCPUS: u32 = 2;
+/// The tables mvmm provides, as the kernel lists them.
+const ACPI_TABLES: [&str; 5] = ["RSDP", "XSDT", "FACP", "DSDT", "APIC"];
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 struct DebianKernel {
@@ -71,7 +75,7 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
     let vm = VmDir::new();
     let token = format!("mvmm.token={label}-{}", std::process::id());
     let cmdline = format!("console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 {token}");
-    let config = vm.write_config(&config_json(kernel, 2, MEMORY_MIB, &cmdline));
+    let config = vm.write_config(&config_json(kernel, VCPUS, MEMORY_MIB, &cmdline));
     let mut child = spawn_mvmm(&["--config", config.to_str().unwrap()]);
 
     // Read the console line by line as it comes.
@@ -93,6 +97,9 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
         seen(lines, "Linux version")
             && seen(lines, &format!("Command line: {cmdline}"))
             && last_e820.is_some_and(|i| i + 1 < lines.len())
+            && ACPI_TABLES.iter().all(|t| seen(lines, &format!("ACPI: {t} 0x")))
+            // One LAPIC entry per vCPU in our MADT.
+            && seen(lines, &format!("smpboot: Allowing {VCPUS} CPUs, 0 hotplug CPUs"))
     };
     while !done(&lines) {
         let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
@@ -102,7 +109,7 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
                 let _ = child.kill();
                 let out = wait_with_timeout(child, Duration::from_secs(5));
                 panic!(
-                    "{label}: kernel did not print banner, command line and e820 map within {:?}:\n{}\n{}",
+                    "{label}: kernel did not print banner, command line, e820 map, ACPI tables and CPUs within {:?}:\n{}\n{}",
                     BOOT_TIMEOUT,
                     lines.join("\n"),
                     out.stderr
@@ -111,6 +118,21 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
         }
     }
     let boot_time = start.elapsed();
+    for bad in [
+        "Incorrect checksum",
+        "A valid RSDP was not found",
+        "ACPI BIOS Error",
+    ] {
+        assert!(
+            !seen(&lines, bad),
+            "{label}: kernel complained: {bad}\n{}",
+            lines.join("\n")
+        );
+    }
+    assert!(
+        seen(&lines, "DMI: mvmm mvmm microVM"),
+        "{label}: SMBIOS not found"
+    );
     assert_eq!(
         e820_total(&lines),
         MEMORY_MIB * MIB,

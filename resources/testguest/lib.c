@@ -81,25 +81,114 @@ void print_dec(uint64_t v)
 	print(&buf[i]);
 }
 
+void print_hex(uint64_t v, unsigned digits)
+{
+	static const char hex[] = "0123456789abcdef";
+	char buf[17];
+
+	if (digits > 16)
+		digits = 16;
+	buf[digits] = '\0';
+	for (unsigned i = digits; i > 0; i--, v >>= 4)
+		buf[i - 1] = hex[v & 0xf];
+	print(buf);
+}
+
+void print_n(const char *s, size_t n)
+{
+	while (n--)
+		uart_putc(*s++);
+}
+
 static bool is_blank(char c)
 {
 	return c == ' ' || c == '\t' || c == '\n';
 }
 
+bool cmdline_next_word(const char **cursor, const char **word, size_t *len)
+{
+	const char *p = *cursor;
+
+	while (is_blank(*p))
+		p++;
+	if (!*p)
+		return false;
+	*word = p;
+	while (*p && !is_blank(*p))
+		p++;
+	*len = (size_t)(p - *word);
+	*cursor = p;
+	return true;
+}
+
 bool cmdline_has_word(const char *cmdline, const char *word)
 {
-	size_t len = strlen(word);
-	const char *p = cmdline;
+	size_t len = strlen(word), n;
+	const char *w;
 
-	while (*p) {
-		while (is_blank(*p))
-			p++;
-		const char *start = p;
-
-		while (*p && !is_blank(*p))
-			p++;
-		if ((size_t)(p - start) == len && memcmp(start, word, len) == 0)
+	while (cmdline_next_word(&cmdline, &w, &n))
+		if (n == len && memcmp(w, word, len) == 0)
 			return true;
-	}
 	return false;
+}
+
+const char *cmdline_value(const char *cmdline, const char *prefix, size_t *len)
+{
+	size_t plen = strlen(prefix), n;
+	const char *w;
+
+	while (cmdline_next_word(&cmdline, &w, &n)) {
+		if (n >= plen && memcmp(w, prefix, plen) == 0) {
+			*len = n - plen;
+			return w + plen;
+		}
+	}
+	return NULL;
+}
+
+static int digit_value(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return 99;
+}
+
+size_t parse_u64(const char *s, size_t n, uint64_t *out)
+{
+	unsigned base = 10;
+	size_t i = 0, start;
+	uint64_t v = 0;
+
+	if (n > 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) {
+		base = 16;
+		i = 2;
+	}
+	for (start = i; i < n; i++) {
+		unsigned d = (unsigned)digit_value(s[i]);
+
+		if (d >= base)
+			break;
+		if (v > (UINT64_MAX - d) / base)
+			return 0;
+		v = v * base + d;
+	}
+	if (i == start)
+		return 0;
+	*out = v;
+	return i;
+}
+
+uint64_t fnv1a64(uint64_t h, const void *data, size_t n)
+{
+	const unsigned char *p = data;
+
+	while (n--) {
+		h ^= *p++;
+		h *= 0x100000001b3ULL;
+	}
+	return h;
 }

@@ -5,6 +5,7 @@
 #include "bootinfo.h"
 #include "io.h"
 #include "lib.h"
+#include "tests.h"
 
 /* The VMM's ACPI sleep control register (FADT SLEEP_CONTROL_REG). */
 #define ACPI_SLEEP_PORT 0x3c0
@@ -61,6 +62,8 @@ static const struct guest_test tests[] = {
 	{ "test=hang", test_hang },
 	{ "test=triplefault", test_triplefault },
 	{ "test=poweroff", test_poweroff },
+	{ "test=blk", test_blk },		/* blk.c */
+	{ "test=net", test_net },		/* net.c */
 	{ NULL, NULL },
 };
 

@@ -3,6 +3,7 @@
 //! The schema is documented in `resources/schema/vm.schema.json`. Relative paths are resolved
 //! against the directory of the config file, so a config works whatever the caller's cwd is.
 
+mod devices;
 mod error;
 mod validate;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub use devices::{DiskConfig, NetConfig, MAX_QUEUE_SIZE};
 pub use error::ConfigError;
 
 /// The whole VM description.
@@ -20,6 +22,15 @@ pub struct VmConfig {
     pub machine: MachineConfig,
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-blk disks, in guest order: the first is /dev/vda (the /nix/store image).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces, after the disks.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// The guest's machine id (32 hex digits, as in /etc/machine-id), given to the guest as
+    /// its SMBIOS system UUID.
+    pub machine_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +111,9 @@ impl VmConfig {
         }
         if let Some(p) = self.serial.path.as_mut() {
             resolve(p);
+        }
+        for disk in &mut self.disks {
+            resolve(&mut disk.path);
         }
     }
 

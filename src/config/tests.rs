@@ -155,3 +155,32 @@ fn overlong_cmdline_is_refused() {
     );
     assert_eq!(invalid_field(parse(&json)).0, "kernel.cmdline");
 }
+
+#[test]
+fn machine_id_must_be_32_hex_digits() {
+    let k = kernel_file();
+    let with_id = |id: &str| {
+        format!(
+            r#"{{"kernel": {{"path": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}}, "machine_id": "{id}"}}"#,
+            k.path().display()
+        )
+    };
+    assert!(parse(&with_id("0123456789abcdef0123456789ABCDEF")).is_ok());
+    assert_eq!(invalid_field(parse(&with_id("0123"))).0, "machine_id");
+    assert_eq!(
+        invalid_field(parse(&with_id(&"g".repeat(32)))).0,
+        "machine_id"
+    );
+}
+
+#[test]
+fn mp_table_limits_vcpus_without_acpi() {
+    let k = kernel_file();
+    let (field, msg) = invalid_field(parse(&minimal(
+        k.path(),
+        r#"{"vcpus": 64, "memory_mib": 64, "acpi": false}"#,
+    )));
+    assert_eq!(field, "machine.vcpus");
+    assert!(msg.contains("MP table"), "{msg}");
+    assert!(parse(&minimal(k.path(), r#"{"vcpus": 64, "memory_mib": 64}"#)).is_ok());
+}

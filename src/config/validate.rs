@@ -43,7 +43,23 @@ pub fn validate(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError>
         require_file("kernel.initrd", initrd, "an initramfs archive")?;
     }
     validate_cmdline(config.cmdline())?;
-    validate_serial(config)
+    validate_serial(config)?;
+    validate_machine_id(config)?;
+    super::devices::validate_disks(&config.disks)?;
+    super::devices::validate_net(&config.net)?;
+    super::devices::validate_device_count(config.disks.len(), config.net.len())
+}
+
+fn validate_machine_id(config: &VmConfig) -> Result<(), ConfigError> {
+    match &config.machine_id {
+        Some(id) if crate::arch::smbios::parse_machine_id(id).is_none() => {
+            Err(ConfigError::invalid(
+                "machine_id",
+                format!("{id:?} is not 32 hex digits (the format of /etc/machine-id)"),
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError> {
@@ -52,6 +68,16 @@ fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigEr
         return Err(ConfigError::invalid(
             "machine.vcpus",
             format!("{} is out of range; use 1 to {MAX_VCPUS}", machine.vcpus),
+        ));
+    }
+    let mptable_max = u32::from(crate::arch::mptable::MAX_VCPUS);
+    if !machine.acpi && machine.vcpus > mptable_max {
+        return Err(ConfigError::invalid(
+            "machine.vcpus",
+            format!(
+                "{} vCPUs do not fit in an MP table (at most {mptable_max}); enable machine.acpi or use fewer",
+                machine.vcpus
+            ),
         ));
     }
     if machine.memory_mib < MIN_MEMORY_MIB {
@@ -66,7 +92,10 @@ fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigEr
     if machine.memory_mib > MAX_MEMORY_MIB {
         return Err(ConfigError::invalid(
             "machine.memory_mib",
-            format!("{} MiB is above mvmm's limit of {MAX_MEMORY_MIB} MiB", machine.memory_mib),
+            format!(
+                "{} MiB is above mvmm's limit of {MAX_MEMORY_MIB} MiB",
+                machine.memory_mib
+            ),
         ));
     }
     if let Some(limit) = host.memory_mib {

@@ -47,7 +47,10 @@ fn garbage_and_tiny_files_are_not_kernels() {
     for bytes in [&b""[..], b"\x7fEL", &[0u8; 4096]] {
         let f = temp_file(bytes);
         assert!(
-            matches!(load_kernel(&mem, f.path()), Err(LoaderError::UnknownFormat(_))),
+            matches!(
+                load_kernel(&mem, f.path()),
+                Err(LoaderError::UnknownFormat(_))
+            ),
             "{} bytes",
             bytes.len()
         );
@@ -60,7 +63,9 @@ fn truncated_bzimage_is_detected_before_loading() {
     let image = std::fs::read(guest_image("testguest.bzImage")).unwrap();
     let f = temp_file(&image[..image.len() - 100]);
     match load_kernel(&mem, f.path()) {
-        Err(LoaderError::TruncatedBzImage { expected, actual, .. }) => {
+        Err(LoaderError::TruncatedBzImage {
+            expected, actual, ..
+        }) => {
             assert_eq!(expected, image.len() as u64);
             assert_eq!(actual, image.len() as u64 - 100);
         }
@@ -100,7 +105,10 @@ fn initrd_goes_high_page_aligned_and_above_the_kernel() {
     assert_eq!(size, data.len());
     assert_eq!(addr.0 % 4096, 0);
     assert!(addr.0 + size as u64 <= kernel.initrd_limit);
-    assert!(addr.0 + size as u64 > kernel.initrd_limit - 4096, "placed as high as it fits");
+    assert!(
+        addr.0 + size as u64 > kernel.initrd_limit - 4096,
+        "placed as high as it fits"
+    );
     let mut back = vec![0u8; size];
     mem.read_slice(&mut back, addr).unwrap();
     assert_eq!(back, data);

@@ -16,7 +16,7 @@ use super::vcpu::{Vcpu, VcpuError};
 use super::vm::{Vm, VmError};
 use crate::arch::boot_info::{self, BootInfo, BootInfoError};
 use crate::arch::regs::BootEntry;
-use crate::arch::{acpi, layout, mptable};
+use crate::arch::{acpi, layout, mptable, smbios};
 use crate::config::{SerialConfig, SerialMode, VmConfig};
 use crate::loader::{self, LoaderError};
 
@@ -41,6 +41,8 @@ pub enum BuildError {
     Acpi(#[from] acpi::AcpiError),
     #[error("MP table: {0}")]
     Mptable(#[from] mptable::MptableError),
+    #[error("SMBIOS tables: {0}")]
+    Smbios(#[from] smbios::SmbiosError),
     #[error("config field `serial.path`: cannot create {}: {source}", path.display())]
     SerialOutput {
         path: PathBuf,
@@ -107,6 +109,11 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         mptable::setup_mptable(&mem, vcpu_count)?;
         None
     };
+    let uuid = config
+        .machine_id
+        .as_deref()
+        .and_then(smbios::parse_machine_id);
+    smbios::setup_smbios(&mem, uuid)?;
 
     // Kernel, initrd, command line, boot information.
     let kernel = loader::load_kernel(&mem, &config.kernel.path)?;

@@ -3,6 +3,7 @@
 mod builder;
 mod event_loop;
 mod memory;
+mod mmio_devices;
 mod signals;
 mod vcpu;
 mod vm;

@@ -6,3 +6,4 @@ pub mod cpuid;
 pub mod layout;
 pub mod mptable;
 pub mod regs;
+pub mod smbios;

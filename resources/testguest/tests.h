@@ -1,0 +1,10 @@
+/* tests.h - tests in their own files, run from main.c's tests[] table. */
+#ifndef TESTGUEST_TESTS_H
+#define TESTGUEST_TESTS_H
+
+#include "bootinfo.h"
+
+void test_blk(const struct bootinfo *bi);	/* blk.c, "test=blk" */
+void test_net(const struct bootinfo *bi);	/* net.c, "test=net" */
+
+#endif

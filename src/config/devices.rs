@@ -1,0 +1,285 @@
+//! Config sections for virtio devices: `disks[]` and `net[]`.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::ConfigError;
+
+/// Largest virtio queue we offer (and the default).
+pub const MAX_QUEUE_SIZE: u16 = 256;
+/// The virtio-blk ID string the guest sees in /dev/disk/by-id.
+pub const MAX_SERIAL_LEN: usize = 20;
+/// Interface names are at most IFNAMSIZ - 1 bytes.
+const MAX_IFNAME_LEN: usize = 15;
+/// virtio-mmio devices share IRQs 5..=23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A regular file or a block device. The first disk is /dev/vda.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+    /// The disk's ID (at most 20 bytes), shown in /dev/disk/by-id/virtio-<serial>.
+    pub serial: Option<String>,
+    /// Open with O_DIRECT: bypass the host page cache.
+    #[serde(default)]
+    pub direct: bool,
+    pub queue_size: Option<u16>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// A tap interface to open (created if missing and permitted).
+    pub tap: Option<String>,
+    /// An inherited tap or macvtap file descriptor, instead of `tap`.
+    pub fd: Option<i32>,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    pub mtu: Option<u16>,
+    pub queue_size: Option<u16>,
+}
+
+impl NetConfig {
+    /// The MAC as bytes; valid after validation.
+    pub fn mac_bytes(&self) -> [u8; 6] {
+        parse_mac(&self.mac).unwrap_or_default()
+    }
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn validate_queue_size(field: String, size: Option<u16>) -> Result<(), ConfigError> {
+    match size {
+        Some(n) if !(2..=MAX_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() => {
+            Err(ConfigError::invalid(
+                field,
+                format!("{n} is not a power of two from 2 to {MAX_QUEUE_SIZE}"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
+    for (i, disk) in disks.iter().enumerate() {
+        let field = |name: &str| format!("disks[{i}].{name}");
+        match std::fs::metadata(&disk.path) {
+            Ok(meta) if meta.is_file() || is_block_device(&meta) => {}
+            Ok(_) => {
+                return Err(ConfigError::invalid(
+                    field("path"),
+                    format!(
+                        "{} is neither a regular file nor a block device",
+                        disk.path.display()
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(ConfigError::invalid(
+                    field("path"),
+                    format!("cannot open {}: {e}", disk.path.display()),
+                ))
+            }
+        }
+        if let Some(serial) = &disk.serial {
+            if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::invalid(
+                    field("serial"),
+                    format!("{serial:?} must be at most {MAX_SERIAL_LEN} printable ASCII characters without spaces"),
+                ));
+            }
+        }
+        validate_queue_size(field("queue_size"), disk.queue_size)?;
+    }
+    Ok(())
+}
+
+fn is_block_device(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_block_device()
+}
+
+pub fn validate_net(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    for (i, net) in nets.iter().enumerate() {
+        let field = |name: &str| format!("net[{i}].{name}");
+        match (&net.tap, net.fd) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(ConfigError::invalid(
+                    format!("net[{i}]"),
+                    "give exactly one of `tap` (an interface name) or `fd` (an inherited descriptor)",
+                ))
+            }
+            (Some(name), None) if name.is_empty() || name.len() > MAX_IFNAME_LEN || name.contains(['/', ' ']) => {
+                return Err(ConfigError::invalid(
+                    field("tap"),
+                    format!("{name:?} is not an interface name (1 to {MAX_IFNAME_LEN} bytes, no '/' or spaces)"),
+                ))
+            }
+            (None, Some(fd)) if fd < 3 => {
+                return Err(ConfigError::invalid(
+                    field("fd"),
+                    format!("{fd} is stdin, stdout or stderr, not an inherited tap"),
+                ))
+            }
+            _ => {}
+        }
+        match parse_mac(&net.mac) {
+            None => {
+                return Err(ConfigError::invalid(
+                    field("mac"),
+                    format!("{:?} is not a MAC address like 52:54:00:12:34:56", net.mac),
+                ))
+            }
+            Some(mac) if mac[0] & 1 != 0 => {
+                return Err(ConfigError::invalid(
+                    field("mac"),
+                    format!(
+                        "{} is a multicast address; the first byte must be even",
+                        net.mac
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(mtu) = net.mtu {
+            if mtu < 68 {
+                return Err(ConfigError::invalid(
+                    field("mtu"),
+                    format!("{mtu} is below 68, the IPv4 minimum"),
+                ));
+            }
+        }
+        validate_queue_size(field("queue_size"), net.queue_size)?;
+    }
+    Ok(())
+}
+
+pub fn validate_device_count(disks: usize, nets: usize) -> Result<(), ConfigError> {
+    if disks + nets > MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::invalid(
+            "disks",
+            format!("{disks} disks and {nets} network interfaces are more than the {MAX_VIRTIO_DEVICES} virtio devices a VM can have"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(
+            parse_mac("52:54:00:12:34:5f"),
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x5f])
+        );
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "5:54:00:12:34:56",
+            "zz:54:00:12:34:56",
+            "",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    fn net(tap: Option<&str>, fd: Option<i32>, mac: &str) -> NetConfig {
+        NetConfig {
+            tap: tap.map(str::to_owned),
+            fd,
+            mac: mac.to_owned(),
+            mtu: None,
+            queue_size: None,
+        }
+    }
+
+    fn field_of(r: Result<(), ConfigError>) -> String {
+        match r {
+            Err(ConfigError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn nets_need_one_backend_and_a_unicast_mac() {
+        assert!(validate_net(&[net(Some("tap0"), None, "52:54:00:00:00:01")]).is_ok());
+        assert!(validate_net(&[net(None, Some(5), "52:54:00:00:00:01")]).is_ok());
+        assert_eq!(
+            field_of(validate_net(&[net(None, None, "52:54:00:00:00:01")])),
+            "net[0]"
+        );
+        assert_eq!(
+            field_of(validate_net(&[net(
+                Some("t"),
+                Some(5),
+                "52:54:00:00:00:01"
+            )])),
+            "net[0]"
+        );
+        assert_eq!(
+            field_of(validate_net(&[net(
+                Some("a-very-long-tap-name"),
+                None,
+                "52:54:00:00:00:01"
+            )])),
+            "net[0].tap"
+        );
+        assert_eq!(
+            field_of(validate_net(&[net(None, Some(1), "52:54:00:00:00:01")])),
+            "net[0].fd"
+        );
+        assert_eq!(
+            field_of(validate_net(&[net(Some("t"), None, "01:00:5e:00:00:01")])),
+            "net[0].mac"
+        );
+    }
+
+    #[test]
+    fn disks_check_path_serial_and_queue_size() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let disk = |serial: Option<&str>, queue_size| DiskConfig {
+            path: file.path().to_owned(),
+            read_only: false,
+            serial: serial.map(str::to_owned),
+            direct: false,
+            queue_size,
+        };
+        assert!(validate_disks(&[disk(Some("nix-store"), Some(128))]).is_ok());
+        assert_eq!(
+            field_of(validate_disks(&[disk(Some("x".repeat(21).as_str()), None)])),
+            "disks[0].serial"
+        );
+        assert_eq!(
+            field_of(validate_disks(&[disk(Some("has space"), None)])),
+            "disks[0].serial"
+        );
+        assert_eq!(
+            field_of(validate_disks(&[disk(None, Some(100))])),
+            "disks[0].queue_size"
+        );
+        assert_eq!(
+            field_of(validate_disks(&[disk(None, Some(512))])),
+            "disks[0].queue_size"
+        );
+        let mut dir = disk(None, None);
+        dir.path = std::env::temp_dir();
+        assert_eq!(field_of(validate_disks(&[dir])), "disks[0].path");
+    }
+}
