@@ -36,5 +36,9 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+log "release build, and the example configs and JSON schema against the real parser"
+cargo build --release --locked
+python3 resources/schema/check.py --builtin --mvmm target/release/mvmm
+
 log "cargo test"
 cargo test --workspace --locked
