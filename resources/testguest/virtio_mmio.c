@@ -69,10 +69,10 @@ static bool probe(struct virtio_mmio_dev *dev)
 	uint32_t magic, version;
 
 	print_window(dev->base);
-	if (dev->size < VIRTIO_MMIO_CONFIG || dev->base + dev->size > 0x100000000ULL ||
-	    dev->base < 0xb0000000ULL) {
-		/* Only [0xb0000000, 4 GiB) is mapped uncached (entry.S). */
-		print(" error: window outside the MMIO hole or too small\n");
+	/* entry.S identity-maps 4 GiB ([0xb0000000, 4 GiB) uncached). */
+	if (dev->size < VIRTIO_MMIO_CONFIG || dev->base >= 0x100000000ULL ||
+	    dev->size > 0x100000000ULL - dev->base) {
+		print(" error: window too small or not below 4 GiB\n");
 		return false;
 	}
 	magic = virtio_mmio_read(dev, VIRTIO_MMIO_MAGIC_VALUE);

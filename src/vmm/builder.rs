@@ -12,7 +12,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::{self, MemoryError};
+use super::mmio_devices::{self, MmioDevices, MmioDevicesError};
 use super::vcpu::{Vcpu, VcpuError};
+use super::virtio_devices::{self, VirtioDeviceError};
 use super::vm::{Vm, VmError};
 use crate::arch::boot_info::{self, BootInfo, BootInfoError};
 use crate::arch::regs::BootEntry;
@@ -52,13 +54,22 @@ pub enum BuildError {
     EventFd(std::io::Error),
     #[error("cannot place a device on the bus: {0}")]
     Bus(#[from] devices::BusError),
+    #[error(transparent)]
+    VirtioDevice(#[from] VirtioDeviceError),
+    #[error("virtio devices: {0}")]
+    MmioDevices(#[from] MmioDevicesError),
+    #[error("config field `kernel.cmdline`: with the virtio device parameters appended the command line is {0} bytes; the limit is {max}", max = layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(usize),
 }
 
 impl BuildError {
     /// Problems with the files the config names are the user's to fix (2); the rest are ours (1).
     pub fn exit_code(&self) -> i32 {
         match self {
-            BuildError::Loader(_) | BuildError::SerialOutput { .. } => crate::EXIT_USAGE,
+            BuildError::Loader(_)
+            | BuildError::SerialOutput { .. }
+            | BuildError::VirtioDevice(_)
+            | BuildError::CmdlineTooLong(_) => crate::EXIT_USAGE,
             BuildError::Vm(VmError::TooManyVcpus { .. }) => crate::EXIT_USAGE,
             _ => crate::EXIT_FAILURE,
         }
@@ -100,11 +111,17 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
     };
     let serial = create_serial(&vm, &config.serial)?;
     let pio_bus = legacy_port_bus(&serial, &exit_events)?;
-    let mmio_bus = Bus::new();
+    let mut virtio = MmioDevices::default();
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block = virtio_devices::create_block(index, disk)?;
+        virtio.add(&vm, &mem, Arc::new(Mutex::new(block)))?;
+    }
+    let slots = virtio.slots().to_vec();
+    let mmio_bus = virtio.into_bus();
 
     // Firmware tables describing CPUs and devices.
     let rsdp = if machine.acpi {
-        Some(acpi::create_acpi_tables(&mem, vcpu_count, &[])?)
+        Some(acpi::create_acpi_tables(&mem, vcpu_count, &slots)?)
     } else {
         mptable::setup_mptable(&mem, vcpu_count)?;
         None
@@ -121,8 +138,16 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         Some(path) => Some(loader::load_initrd(&mem, path, &kernel)?),
         None => None,
     };
-    let cmdline = config.cmdline();
-    let cmdline_addr = loader::load_cmdline(&mem, cmdline)?;
+    // Kernels without ACPI (or with it off) find virtio-mmio devices on their command line.
+    let cmdline = format!(
+        "{}{}",
+        config.cmdline(),
+        mmio_devices::cmdline_params(&slots)
+    );
+    if cmdline.len() >= layout::CMDLINE_MAX_SIZE {
+        return Err(BuildError::CmdlineTooLong(cmdline.len()));
+    }
+    let cmdline_addr = loader::load_cmdline(&mem, &cmdline)?;
     let e820 = boot_info::e820_map(&memory::ram_regions(machine.memory_mib << 20))?;
     let info = BootInfo {
         e820: &e820,

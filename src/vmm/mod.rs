@@ -6,6 +6,7 @@ mod memory;
 mod mmio_devices;
 mod signals;
 mod vcpu;
+mod virtio_devices;
 mod vm;
 
 use std::os::fd::AsRawFd;

@@ -170,3 +170,35 @@ pub fn parse_e820(stdout: &str) -> Vec<E820Line> {
         })
         .collect()
 }
+
+/// FNV-1a 64, as the test guest computes it over disk data.
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The test guest's `test=blk` pattern: byte `i` of sector `s`.
+pub fn blk_pattern_sector(sector: u64, seed: u64) -> Vec<u8> {
+    (0..512u64)
+        .map(|i| ((sector * 31 + i * 7 + seed) & 0xff) as u8)
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The value after `key` on the line that starts with `prefix` (e.g. "blk1: fnv=").
+pub fn line_value<'a>(stdout: &'a str, prefix: &str) -> Option<&'a str> {
+    stdout.lines().find_map(|l| l.strip_prefix(prefix))
+}
