@@ -34,7 +34,11 @@ fn terminal_is_raw_while_running_and_restored_after_sigterm() {
     // SAFETY: fresh descriptors from openpty, owned by nobody else.
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     let before = lflag(&slave);
-    assert_ne!(before & libc::ICANON, 0, "a new pty starts in canonical mode");
+    assert_ne!(
+        before & libc::ICANON,
+        0,
+        "a new pty starts in canonical mode"
+    );
 
     let vm = VmDir::new();
     let config = vm.write_config(&config_json(&testguest("pvh"), 1, 64, "test=hang"));
@@ -47,13 +51,19 @@ fn terminal_is_raw_while_running_and_restored_after_sigterm() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while lflag(&slave) & libc::ICANON != 0 {
-        assert!(Instant::now() < deadline, "mvmm never switched the terminal to raw mode");
+        assert!(
+            Instant::now() < deadline,
+            "mvmm never switched the terminal to raw mode"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(lflag(&slave) & libc::ECHO, 0);
 
     // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
     let out = wait_with_timeout(child, Duration::from_secs(10));
     assert_eq!(out.code(), Some(0), "{}", out.dump());
     assert_eq!(lflag(&slave), before, "terminal settings not restored");
