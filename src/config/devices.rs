@@ -43,6 +43,63 @@ pub struct NetConfig {
     pub queue_size: Option<u16>,
 }
 
+/// A virtio-fs share served by a vhost-user backend (virtiofsd) on a unix socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShareConfig {
+    /// The name the guest mounts (`mount -t virtiofs <tag> /mnt`), at most 36 bytes.
+    pub tag: String,
+    /// virtiofsd's vhost-user socket.
+    pub socket: PathBuf,
+    pub queue_size: Option<u16>,
+    /// Request queues (besides the high-priority queue); default 1.
+    pub num_queues: Option<u16>,
+    /// How long to wait for the socket to appear at start, in seconds (default 30).
+    pub connect_timeout_secs: Option<u32>,
+}
+
+/// virtio-fs tags are at most 36 bytes (the config space field).
+pub const MAX_TAG_LEN: usize = 36;
+/// virtio-fs queues may be larger than other devices' (virtiofsd accepts up to 1024).
+pub const MAX_FS_QUEUE_SIZE: u16 = 1024;
+pub const DEFAULT_CONNECT_TIMEOUT_SECS: u32 = 30;
+
+pub fn validate_shares(shares: &[ShareConfig]) -> Result<(), ConfigError> {
+    for (i, share) in shares.iter().enumerate() {
+        let field = |name: &str| format!("shares[{i}].{name}");
+        if share.tag.is_empty() || share.tag.len() > MAX_TAG_LEN || share.tag.contains('\0') {
+            return Err(ConfigError::invalid(
+                field("tag"),
+                format!("{:?} must be 1 to {MAX_TAG_LEN} bytes", share.tag),
+            ));
+        }
+        if shares[..i].iter().any(|other| other.tag == share.tag) {
+            return Err(ConfigError::invalid(
+                field("tag"),
+                format!(
+                    "{:?} is used by another share; tags must be unique",
+                    share.tag
+                ),
+            ));
+        }
+        if let Some(n) = share.queue_size {
+            if !(2..=MAX_FS_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() {
+                return Err(ConfigError::invalid(
+                    field("queue_size"),
+                    format!("{n} is not a power of two from 2 to {MAX_FS_QUEUE_SIZE}"),
+                ));
+            }
+        }
+        if share.num_queues == Some(0) {
+            return Err(ConfigError::invalid(
+                field("num_queues"),
+                "must be at least 1",
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl NetConfig {
     /// The MAC as bytes; valid after validation.
     pub fn mac_bytes(&self) -> [u8; 6] {
@@ -169,11 +226,11 @@ pub fn validate_net(nets: &[NetConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
-pub fn validate_device_count(disks: usize, nets: usize) -> Result<(), ConfigError> {
-    if disks + nets > MAX_VIRTIO_DEVICES {
+pub fn validate_device_count(disks: usize, nets: usize, shares: usize) -> Result<(), ConfigError> {
+    if disks + nets + shares > MAX_VIRTIO_DEVICES {
         return Err(ConfigError::invalid(
             "disks",
-            format!("{disks} disks and {nets} network interfaces are more than the {MAX_VIRTIO_DEVICES} virtio devices a VM can have"),
+            format!("{disks} disks, {nets} network interfaces and {shares} shares are more than the {MAX_VIRTIO_DEVICES} virtio devices a VM can have"),
         ));
     }
     Ok(())
@@ -182,6 +239,33 @@ pub fn validate_device_count(disks: usize, nets: usize) -> Result<(), ConfigErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn share(tag: &str) -> ShareConfig {
+        ShareConfig {
+            tag: tag.to_owned(),
+            socket: "/run/fs.sock".into(),
+            queue_size: None,
+            num_queues: None,
+            connect_timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn share_tags_are_short_and_unique() {
+        assert!(validate_shares(&[share("nix-store"), share("journal")]).is_ok());
+        assert_eq!(field_of(validate_shares(&[share("")])), "shares[0].tag");
+        assert_eq!(
+            field_of(validate_shares(&[share(&"t".repeat(37))])),
+            "shares[0].tag"
+        );
+        assert_eq!(
+            field_of(validate_shares(&[share("a"), share("a")])),
+            "shares[1].tag"
+        );
+        let mut big = share("a");
+        big.queue_size = Some(2048);
+        assert_eq!(field_of(validate_shares(&[big])), "shares[0].queue_size");
+    }
 
     #[test]
     fn macs_parse_strictly() {

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use devices::{DiskConfig, NetConfig, MAX_QUEUE_SIZE};
+pub use devices::{
+    DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
+};
 pub use error::ConfigError;
 
 /// The whole VM description.
@@ -28,6 +30,9 @@ pub struct VmConfig {
     /// virtio-net interfaces, after the disks.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// virtio-fs shares through vhost-user backends, after the interfaces.
+    #[serde(default)]
+    pub shares: Vec<ShareConfig>,
     /// The guest's machine id (32 hex digits, as in /etc/machine-id), given to the guest as
     /// its SMBIOS system UUID.
     pub machine_id: Option<String>,
@@ -115,6 +120,14 @@ impl VmConfig {
         for disk in &mut self.disks {
             resolve(&mut disk.path);
         }
+        for share in &mut self.shares {
+            resolve(&mut share.socket);
+        }
+    }
+
+    /// vhost-user backends map guest memory, which must then be shared.
+    pub fn needs_shared_memory(&self) -> bool {
+        !self.shares.is_empty()
     }
 
     /// The command line the guest gets, before the VMM appends device parameters.

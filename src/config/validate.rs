@@ -47,7 +47,8 @@ pub fn validate(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError>
     validate_machine_id(config)?;
     super::devices::validate_disks(&config.disks)?;
     super::devices::validate_net(&config.net)?;
-    super::devices::validate_device_count(config.disks.len(), config.net.len())
+    super::devices::validate_shares(&config.shares)?;
+    super::devices::validate_device_count(config.disks.len(), config.net.len(), config.shares.len())
 }
 
 fn validate_machine_id(config: &VmConfig) -> Result<(), ConfigError> {

@@ -84,6 +84,8 @@ pub struct ExitEvents {
 
 /// A VM ready to run: its vCPUs are configured but not started.
 pub struct BuiltVm {
+    /// Not used after the build, but owned here so the VM lives as long as its vCPUs.
+    #[allow(dead_code)]
     pub vm: Vm,
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<Vcpu>,
@@ -100,7 +102,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
     let vcpu_count = machine.vcpus as u8;
 
     // Memory and the VM.
-    let mem = memory::create_guest_memory(machine.memory_mib)?;
+    let mem = memory::create_guest_memory(machine.memory_mib, config.needs_shared_memory())?;
     let vm = Vm::new(machine.vcpus)?;
     vm.register_memory(&mem)?;
 

@@ -1,6 +1,10 @@
 //! Guest RAM: where it goes around the MMIO hole, and its creation through vm-memory.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::layout::{FOUR_GIB, MMIO_HOLE_START};
 
@@ -11,6 +15,8 @@ pub enum MemoryError {
         mib: u64,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("cannot create {mib} MiB of shared guest memory (memfd): {source}")]
+    Memfd { mib: u64, source: std::io::Error },
 }
 
 /// RAM regions for `size` bytes: below the 32-bit MMIO hole first, the rest above 4 GiB.
@@ -23,14 +29,48 @@ pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     regions
 }
 
-/// Maps anonymous, lazily populated guest RAM (pages cost host memory only once touched).
-pub fn create_guest_memory(memory_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    GuestMemoryMmap::from_ranges(&ram_regions(memory_mib << 20)).map_err(|source| {
-        MemoryError::Map {
-            mib: memory_mib,
-            source,
-        }
-    })
+/// Maps lazily populated guest RAM (pages cost host memory only once touched).
+///
+/// `shared` backs it with one memfd mapped MAP_SHARED, so a vhost-user backend process can map
+/// the same pages; otherwise it is private anonymous memory. Shared memory cannot be merged by
+/// KSM.
+pub fn create_guest_memory(memory_mib: u64, shared: bool) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = ram_regions(memory_mib << 20);
+    let map_err = |source| MemoryError::Map {
+        mib: memory_mib,
+        source,
+    };
+    if !shared {
+        return GuestMemoryMmap::from_ranges(&regions).map_err(map_err);
+    }
+    let memfd_err = |source| MemoryError::Memfd {
+        mib: memory_mib,
+        source,
+    };
+    let memfd = Arc::new(create_memfd(memory_mib << 20).map_err(memfd_err)?);
+    // Regions are consecutive slices of the one memfd.
+    let mut offset = 0;
+    let ranges: Vec<_> = regions
+        .iter()
+        .map(|&(addr, len)| {
+            let file = FileOffset::from_arc(memfd.clone(), offset);
+            offset += len as u64;
+            (addr, len, Some(file))
+        })
+        .collect();
+    GuestMemoryMmap::from_ranges_with_files(&ranges).map_err(map_err)
+}
+
+fn create_memfd(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a valid C string; the returned descriptor is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"mvmm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// Bytes of guest RAM the host has actually populated (resident), from /proc/self/smaps.
@@ -85,6 +125,32 @@ mod tests {
             ram_regions(MMIO_HOLE_START),
             vec![(GuestAddress(0), MMIO_HOLE_START as usize)]
         );
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_across_regions() {
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        let size = MMIO_HOLE_START + (64 << 20);
+        let mem = create_guest_memory(size >> 20, true).unwrap();
+        let offsets: Vec<u64> = mem
+            .iter()
+            .map(|r| r.file_offset().expect("memfd backed").start())
+            .collect();
+        assert_eq!(offsets, vec![0, MMIO_HOLE_START]);
+        mem.write_obj(0x1234_u32, GuestAddress(FOUR_GIB)).unwrap();
+        let mut back = [0u8; 4];
+        let region = mem.find_region(GuestAddress(FOUR_GIB)).unwrap();
+        let file = region.file_offset().unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(file.file(), &mut back, MMIO_HOLE_START).unwrap();
+        assert_eq!(
+            u32::from_le_bytes(back),
+            0x1234,
+            "the backend sees guest writes"
+        );
+        assert!(create_guest_memory(64, false)
+            .unwrap()
+            .iter()
+            .all(|r| r.file_offset().is_none()));
     }
 
     #[test]

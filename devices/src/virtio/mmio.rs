@@ -5,7 +5,7 @@
 //! interrupts an irqfd, so the data path never exits to this code: it handles only the
 //! driver's setup and teardown.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
@@ -70,9 +70,20 @@ pub const INT_CONFIG_CHANGE: u32 = 2;
 pub struct MmioInterrupt {
     status: AtomicU32,
     irqfd: EventFd,
+    /// A backend signals the irqfd itself (see `VirtioInterrupt::direct_notifier`).
+    direct: AtomicBool,
 }
 
 impl MmioInterrupt {
+    fn status(&self) -> u32 {
+        let direct = if self.direct.load(Ordering::SeqCst) {
+            INT_USED_RING
+        } else {
+            0
+        };
+        self.status.load(Ordering::SeqCst) | direct
+    }
+
     fn raise(&self, bit: u32) -> std::io::Result<()> {
         self.status.fetch_or(bit, Ordering::SeqCst);
         self.irqfd.write(1)
@@ -86,6 +97,12 @@ impl VirtioInterrupt for MmioInterrupt {
 
     fn signal_config_change(&self) -> std::io::Result<()> {
         self.raise(INT_CONFIG_CHANGE)
+    }
+
+    fn direct_notifier(&self) -> Option<EventFd> {
+        let notifier = self.irqfd.try_clone().ok()?;
+        self.direct.store(true, Ordering::SeqCst);
+        Some(notifier)
     }
 }
 
@@ -136,6 +153,7 @@ impl MmioTransport {
             interrupt: Arc::new(MmioInterrupt {
                 status: AtomicU32::new(0),
                 irqfd,
+                direct: AtomicBool::new(false),
             }),
             requested_sizes: queues.iter().map(|q| q.max_size()).collect(),
             queues,
@@ -191,7 +209,7 @@ impl MmioTransport {
                 .queues
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
-            reg::INTERRUPT_STATUS => self.interrupt.status.load(Ordering::SeqCst),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
             reg::STATUS => self.status,
             // No shared memory regions: length all ones means "does not exist".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
@@ -367,6 +385,7 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.queue_sel = 0;
         self.interrupt.status.store(0, Ordering::SeqCst);
+        self.interrupt.direct.store(false, Ordering::SeqCst);
         for (q, size) in self.queues.iter_mut().zip(&mut self.requested_sizes) {
             q.reset();
             *size = q.max_size();

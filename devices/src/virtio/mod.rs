@@ -33,6 +33,13 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()>;
     /// The device's configuration space changed.
     fn signal_config_change(&self) -> std::io::Result<()>;
+    /// An eventfd that raises the device's interrupt when written, for an external backend
+    /// (vhost-user's VRING_CALL) to interrupt the guest directly, with no VMM on the path.
+    /// Once a device asked for it, the transport reports a used-buffer interrupt in every
+    /// interrupt status read, since it never sees those interrupts itself.
+    fn direct_notifier(&self) -> Option<EventFd> {
+        None
+    }
 }
 
 /// A queue the driver set up, handed to the device at activation.

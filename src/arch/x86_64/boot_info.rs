@@ -100,13 +100,15 @@ fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Bo
 /// Builds the Linux zero page. `header` is the bzImage's setup header; ELF kernels get a
 /// synthesized one, as they have none.
 pub fn zero_page(header: Option<setup_header>, info: &BootInfo) -> boot_params {
-    let mut params = boot_params::default();
-    params.hdr = header.unwrap_or(setup_header {
-        boot_flag: BOOT_FLAG,
-        header: HDR_MAGIC,
-        kernel_alignment: KERNEL_ALIGNMENT,
+    let mut params = boot_params {
+        hdr: header.unwrap_or(setup_header {
+            boot_flag: BOOT_FLAG,
+            header: HDR_MAGIC,
+            kernel_alignment: KERNEL_ALIGNMENT,
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr = info.cmdline_addr.raw_value() as u32;
     params.hdr.cmdline_size = info.cmdline_len as u32;

@@ -286,3 +286,27 @@ fn odd_register_accesses_are_harmless() {
     write(t, reg::STATUS, status::ACKNOWLEDGE);
     assert_eq!(read(t, reg::STATUS), status::ACKNOWLEDGE | status::DRIVER);
 }
+
+#[test]
+fn a_direct_notifier_makes_every_status_read_report_used_buffers() {
+    let mut f = fixture(true);
+    let t = &mut f.transport;
+    negotiate(t, VIRTIO_F_VERSION_1);
+    setup_queue(t, 0, 16, 0x1_0000);
+    write(t, reg::STATUS, RUNNING);
+    assert_eq!(read(t, reg::INTERRUPT_STATUS), 0);
+    let interrupt = f.rec.lock().unwrap().interrupt.clone().unwrap();
+    let notifier = interrupt.direct_notifier().unwrap();
+    // The backend writes the irqfd itself; the transport never hears of it.
+    notifier.write(1).unwrap();
+    assert_eq!(f.irq.read().unwrap(), 1);
+    assert_eq!(read(t, reg::INTERRUPT_STATUS), INT_USED_RING);
+    write(t, reg::INTERRUPT_ACK, INT_USED_RING);
+    assert_eq!(
+        read(t, reg::INTERRUPT_STATUS),
+        INT_USED_RING,
+        "sticky while direct"
+    );
+    write(t, reg::STATUS, 0);
+    assert_eq!(read(t, reg::INTERRUPT_STATUS), 0, "reset ends direct mode");
+}
