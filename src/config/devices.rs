@@ -120,17 +120,21 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-fn validate_queue_size(field: String, size: Option<u16>) -> Result<(), ConfigError> {
+fn validate_queue_size(field: String, size: Option<u16>, min: u16) -> Result<(), ConfigError> {
     match size {
-        Some(n) if !(2..=MAX_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() => {
+        Some(n) if !(min..=MAX_QUEUE_SIZE).contains(&n) || !n.is_power_of_two() => {
             Err(ConfigError::invalid(
                 field,
-                format!("{n} is not a power of two from 2 to {MAX_QUEUE_SIZE}"),
+                format!("{n} is not a power of two from {min} to {MAX_QUEUE_SIZE}"),
             ))
         }
         _ => Ok(()),
     }
 }
+
+/// A block request takes three descriptors at least (header, data, status).
+const MIN_DISK_QUEUE_SIZE: u16 = 4;
+const MIN_NET_QUEUE_SIZE: u16 = 2;
 
 pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     for (i, disk) in disks.iter().enumerate() {
@@ -161,7 +165,7 @@ pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
                 ));
             }
         }
-        validate_queue_size(field("queue_size"), disk.queue_size)?;
+        validate_queue_size(field("queue_size"), disk.queue_size, MIN_DISK_QUEUE_SIZE)?;
     }
     Ok(())
 }
@@ -190,7 +194,7 @@ pub fn validate_net(nets: &[NetConfig]) -> Result<(), ConfigError> {
             (None, Some(fd)) if fd < 3 => {
                 return Err(ConfigError::invalid(
                     field("fd"),
-                    format!("{fd} is stdin, stdout or stderr, not an inherited tap"),
+                    format!("{fd} is not an inherited descriptor: stdin, stdout and stderr are 0 to 2, tap fds start at 3"),
                 ))
             }
             _ => {}
@@ -221,7 +225,7 @@ pub fn validate_net(nets: &[NetConfig]) -> Result<(), ConfigError> {
                 ));
             }
         }
-        validate_queue_size(field("queue_size"), net.queue_size)?;
+        validate_queue_size(field("queue_size"), net.queue_size, MIN_NET_QUEUE_SIZE)?;
     }
     Ok(())
 }
