@@ -118,6 +118,10 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         let block = virtio_devices::create_block(index, disk)?;
         virtio.add(&vm, &mem, Arc::new(Mutex::new(block)))?;
     }
+    for (index, net) in config.net.iter().enumerate() {
+        let net = virtio_devices::create_net(index, net)?;
+        virtio.add(&vm, &mem, Arc::new(Mutex::new(net)))?;
+    }
     let slots = virtio.slots().to_vec();
     let mmio_bus = virtio.into_bus();
 

@@ -4,9 +4,12 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 
-use devices::virtio::block::{Block, BlockConfig};
+use std::os::fd::{FromRawFd, OwnedFd};
 
-use crate::config::{DiskConfig, MAX_QUEUE_SIZE};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::net::{Net, NetConfig as NetDeviceConfig, Tap, TapError};
+
+use crate::config::{DiskConfig, NetConfig, MAX_QUEUE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioDeviceError {
@@ -21,6 +24,15 @@ pub enum VirtioDeviceError {
         index: usize,
         source: devices::virtio::block::BlockError,
     },
+    #[error("config field `net[{index}]`: {source}")]
+    Tap { index: usize, source: TapError },
+    #[error("config field `net[{index}]`: {source}")]
+    Net {
+        index: usize,
+        source: devices::virtio::net::NetError,
+    },
+    #[error("config field `net[{index}].fd`: descriptor {fd} is not open; the process that starts mvmm must pass it")]
+    FdNotOpen { index: usize, fd: i32 },
 }
 
 /// Opens disk `index` as the config describes and builds its virtio-blk device.
@@ -45,4 +57,30 @@ pub fn create_block(index: usize, disk: &DiskConfig) -> Result<Block, VirtioDevi
         queue_size: disk.queue_size.unwrap_or(MAX_QUEUE_SIZE),
     })
     .map_err(|source| VirtioDeviceError::Block { index, source })
+}
+
+/// Opens interface `index`'s tap (by name, or the inherited fd) and builds its virtio-net device.
+pub fn create_net(index: usize, net: &NetConfig) -> Result<Net, VirtioDeviceError> {
+    let tap_err = |source| VirtioDeviceError::Tap { index, source };
+    let tap = match (&net.tap, net.fd) {
+        (Some(name), _) => Tap::open_named(name).map_err(tap_err)?,
+        (None, Some(fd)) => {
+            // SAFETY: fcntl(F_GETFD) only checks that the descriptor is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(VirtioDeviceError::FdNotOpen { index, fd });
+            }
+            // SAFETY: the config hands this inherited descriptor to mvmm; nothing else in the
+            // process uses it, so the device may own (and eventually close) it.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            Tap::from_fd(owned).map_err(tap_err)?
+        }
+        (None, None) => unreachable!("validated: one of tap or fd"),
+    };
+    Net::new(NetDeviceConfig {
+        tap,
+        mac: net.mac_bytes(),
+        mtu: net.mtu,
+        queue_size: net.queue_size.unwrap_or(MAX_QUEUE_SIZE),
+    })
+    .map_err(|source| VirtioDeviceError::Net { index, source })
 }
