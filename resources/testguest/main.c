@@ -64,6 +64,8 @@ static const struct guest_test tests[] = {
 	{ "test=poweroff", test_poweroff },
 	{ "test=blk", test_blk },		/* blk.c */
 	{ "test=net", test_net },		/* net.c */
+	{ "test=fs", test_fs },			/* fs.c */
+	{ "test=fs-wait", test_fs_wait },	/* fs.c */
 	{ NULL, NULL },
 };
 

@@ -50,6 +50,7 @@
 
 #define VIRTIO_ID_NET			1
 #define VIRTIO_ID_BLOCK			2
+#define VIRTIO_ID_FS			26
 
 #define VIRTIO_MMIO_MAX_DEVICES		32
 
