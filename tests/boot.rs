@@ -228,3 +228,32 @@ fn initrd_is_loaded_and_described() {
         );
     }
 }
+
+#[test]
+fn machine_id_reaches_the_guest_as_the_smbios_system_uuid() {
+    let vm = VmDir::new();
+    let json = serde_json::json!({
+        "kernel": {"path": testguest("pvh"), "cmdline": "test=smbios"},
+        "machine": {"vcpus": 1, "memory_mib": 64},
+        "machine_id": "0123456789abcdef0123456789ABCDEF",
+    });
+    let out = run_config(&vm.write_config(&json.to_string()), TIMEOUT);
+    assert_eq!(out.code(), Some(0), "{}", out.dump());
+    // The same hex as /etc/machine-id, in UUID form.
+    assert!(
+        out.stdout.contains("smbios: uuid=01234567-89ab-cdef-0123-456789abcdef\n"),
+        "{}",
+        out.dump()
+    );
+
+    let json = serde_json::json!({
+        "kernel": {"path": testguest("pvh"), "cmdline": "test=smbios"},
+        "machine": {"vcpus": 1, "memory_mib": 64},
+    });
+    let out = run_config(&vm.write_config(&json.to_string()), TIMEOUT);
+    assert!(
+        out.stdout.contains("smbios: uuid=00000000-0000-0000-0000-000000000000\n"),
+        "without a machine id the UUID is unset:\n{}",
+        out.dump()
+    );
+}

@@ -66,6 +66,7 @@ static const struct guest_test tests[] = {
 	{ "test=net", test_net },		/* net.c */
 	{ "test=fs", test_fs },			/* fs.c */
 	{ "test=fs-wait", test_fs_wait },	/* fs.c */
+	{ "test=smbios", test_smbios },	/* smbios.c */
 	{ NULL, NULL },
 };
 

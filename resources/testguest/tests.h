@@ -8,5 +8,6 @@ void test_blk(const struct bootinfo *bi);	/* blk.c, "test=blk" */
 void test_net(const struct bootinfo *bi);	/* net.c, "test=net" */
 void test_fs(const struct bootinfo *bi);	/* fs.c, "test=fs" */
 void test_fs_wait(const struct bootinfo *bi);	/* fs.c, "test=fs-wait" */
+void test_smbios(const struct bootinfo *bi);	/* smbios.c, "test=smbios" */
 
 #endif
