@@ -100,6 +100,15 @@ pub fn validate_shares(shares: &[ShareConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+impl ShareConfig {
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        let secs = self
+            .connect_timeout_secs
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS);
+        std::time::Duration::from_secs(secs.into())
+    }
+}
+
 impl NetConfig {
     /// The MAC as bytes; valid after validation.
     pub fn mac_bytes(&self) -> [u8; 6] {

@@ -11,9 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use devices::{
-    DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
-};
+pub use devices::{DiskConfig, NetConfig, ShareConfig, MAX_QUEUE_SIZE};
 pub use error::ConfigError;
 
 /// The whole VM description.

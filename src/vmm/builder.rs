@@ -60,6 +60,8 @@ pub enum BuildError {
     MmioDevices(#[from] MmioDevicesError),
     #[error("config field `kernel.cmdline`: with the virtio device parameters appended the command line is {0} bytes; the limit is {max}", max = layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
+    #[error("config field `shares`: share {0:?} needs virtio-fs, which this build cannot provide yet (socket wait would be {1:?})")]
+    SharesUnsupported(String, std::time::Duration),
 }
 
 impl BuildError {
@@ -69,7 +71,8 @@ impl BuildError {
             BuildError::Loader(_)
             | BuildError::SerialOutput { .. }
             | BuildError::VirtioDevice(_)
-            | BuildError::CmdlineTooLong(_) => crate::EXIT_USAGE,
+            | BuildError::CmdlineTooLong(_)
+            | BuildError::SharesUnsupported(..) => crate::EXIT_USAGE,
             BuildError::Vm(VmError::TooManyVcpus { .. }) => crate::EXIT_USAGE,
             _ => crate::EXIT_FAILURE,
         }
@@ -121,6 +124,13 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
     for (index, net) in config.net.iter().enumerate() {
         let net = virtio_devices::create_net(index, net)?;
         virtio.add(&vm, &mem, Arc::new(Mutex::new(net)))?;
+    }
+    if let Some(share) = config.shares.first() {
+        // The vhost-user frontend is not wired in yet: refuse rather than boot without it.
+        return Err(BuildError::SharesUnsupported(
+            share.tag.clone(),
+            share.connect_timeout(),
+        ));
     }
     let slots = virtio.slots().to_vec();
     let mmio_bus = virtio.into_bus();
