@@ -1,8 +1,8 @@
-//! Command line: `mvmm --config vm.json [--log-level LEVEL]`.
+//! Command line: `mvmm --config vm.json`, and subcommands for the other roles of the binary.
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -10,16 +10,77 @@ use clap::{Parser, ValueEnum};
     version,
     about = "A minimal, fast, sandboxed KVM virtual machine monitor for microVMs",
     after_help = "Exit codes: 0 = the guest shut down or rebooted (or a stop signal ended it), \
-                  1 = VMM or guest failure, 2 = bad command line or config."
+                  1 = VMM or guest failure, 2 = bad command line or config.",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// The VM's configuration file (vm.json).
+    /// Run the VM described by this configuration file (vm.json).
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
 
     /// How much to log on stderr.
-    #[arg(long, value_enum, default_value_t = LogLevel::Info, value_name = "LEVEL")]
+    #[arg(long, value_enum, default_value_t = LogLevel::Info, value_name = "LEVEL", global = true)]
     pub log_level: LogLevel,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve one of mvmm's device models as a vhost-user backend, in its own process.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackendCommand {
+    /// virtio-blk over a disk image or block device.
+    Blk(BlkBackendArgs),
+    /// virtio-net over a tap device.
+    Net(NetBackendArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackendCommonArgs {
+    /// The vhost-user socket to listen on (created; an old socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Keep serving new frontends after one disconnects (default: exit when it does).
+    #[arg(long)]
+    pub persistent: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BlkBackendArgs {
+    #[command(flatten)]
+    pub common: BackendCommonArgs,
+    /// Disk image file or block device.
+    #[arg(long, value_name = "FILE")]
+    pub path: PathBuf,
+    #[arg(long)]
+    pub read_only: bool,
+    /// The disk ID the guest sees (at most 20 bytes).
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+    /// Open the file with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NetBackendArgs {
+    #[command(flatten)]
+    pub common: BackendCommonArgs,
+    /// Tap interface to open (created if missing and permitted).
+    #[arg(long, value_name = "NAME", required_unless_present = "fd", conflicts_with = "fd")]
+    pub tap: Option<String>,
+    /// An inherited tap or macvtap file descriptor.
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+    /// The MAC address the guest sees.
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]

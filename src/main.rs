@@ -1,6 +1,7 @@
 //! mvmm: one process, one VM. See README.md.
 
 mod arch;
+mod backend;
 mod cli;
 mod config;
 mod loader;
@@ -27,7 +28,18 @@ fn main() {
 }
 
 fn run(cli: &cli::Cli) -> i32 {
-    let config = match config::VmConfig::load(&cli.config) {
+    match (&cli.command, &cli.config) {
+        (Some(cli::Command::Backend(backend)), _) => backend::run(backend),
+        (None, Some(config)) => run_vm(config),
+        (None, None) => {
+            log::error!("nothing to do: give --config FILE to run a VM, or a command (see --help)");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn run_vm(config_path: &std::path::Path) -> i32 {
+    let config = match config::VmConfig::load(config_path) {
         Ok(config) => config,
         Err(e) => {
             log::error!("{e}");
