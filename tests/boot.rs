@@ -241,7 +241,8 @@ fn machine_id_reaches_the_guest_as_the_smbios_system_uuid() {
     assert_eq!(out.code(), Some(0), "{}", out.dump());
     // The same hex as /etc/machine-id, in UUID form.
     assert!(
-        out.stdout.contains("smbios: uuid=01234567-89ab-cdef-0123-456789abcdef\n"),
+        out.stdout
+            .contains("smbios: uuid=01234567-89ab-cdef-0123-456789abcdef\n"),
         "{}",
         out.dump()
     );
@@ -252,7 +253,8 @@ fn machine_id_reaches_the_guest_as_the_smbios_system_uuid() {
     });
     let out = run_config(&vm.write_config(&json.to_string()), TIMEOUT);
     assert!(
-        out.stdout.contains("smbios: uuid=00000000-0000-0000-0000-000000000000\n"),
+        out.stdout
+            .contains("smbios: uuid=00000000-0000-0000-0000-000000000000\n"),
         "without a machine id the UUID is unset:\n{}",
         out.dump()
     );
