@@ -73,7 +73,12 @@ pub struct NetBackendArgs {
     #[command(flatten)]
     pub common: BackendCommonArgs,
     /// Tap interface to open (created if missing and permitted).
-    #[arg(long, value_name = "NAME", required_unless_present = "fd", conflicts_with = "fd")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "fd",
+        conflicts_with = "fd"
+    )]
     pub tap: Option<String>,
     /// An inherited tap or macvtap file descriptor.
     #[arg(long, value_name = "N")]
