@@ -19,7 +19,9 @@ pub const MAX_VIRTIO_DEVICES: usize = 19;
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// A regular file or a block device. The first disk is /dev/vda.
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// Instead of `path`: a vhost-user-blk backend's socket (e.g. `mvmm backend blk`).
+    pub socket: Option<PathBuf>,
     #[serde(default)]
     pub read_only: bool,
     /// The disk's ID (at most 20 bytes), shown in /dev/disk/by-id/virtio-<serial>.
@@ -148,21 +150,40 @@ const MIN_NET_QUEUE_SIZE: u16 = 2;
 pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
     for (i, disk) in disks.iter().enumerate() {
         let field = |name: &str| format!("disks[{i}].{name}");
-        match std::fs::metadata(&disk.path) {
+        let path = match (&disk.path, &disk.socket) {
+            (Some(path), None) => path,
+            (None, Some(_)) => {
+                if disk.read_only || disk.serial.is_some() || disk.direct {
+                    return Err(ConfigError::invalid(
+                        format!("disks[{i}]"),
+                        "read_only, serial and direct belong to the vhost-user backend when `socket` is given; set them there",
+                    ));
+                }
+                validate_queue_size(field("queue_size"), disk.queue_size, MIN_DISK_QUEUE_SIZE)?;
+                continue;
+            }
+            _ => {
+                return Err(ConfigError::invalid(
+                    format!("disks[{i}]"),
+                    "give exactly one of `path` (a disk image or block device) or `socket` (a vhost-user-blk backend)",
+                ))
+            }
+        };
+        match std::fs::metadata(path) {
             Ok(meta) if meta.is_file() || is_block_device(&meta) => {}
             Ok(_) => {
                 return Err(ConfigError::invalid(
                     field("path"),
                     format!(
                         "{} is neither a regular file nor a block device",
-                        disk.path.display()
+                        path.display()
                     ),
                 ))
             }
             Err(e) => {
                 return Err(ConfigError::invalid(
                     field("path"),
-                    format!("cannot open {}: {e}", disk.path.display()),
+                    format!("cannot open {}: {e}", path.display()),
                 ))
             }
         }
@@ -352,7 +373,8 @@ mod tests {
     fn disks_check_path_serial_and_queue_size() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let disk = |serial: Option<&str>, queue_size| DiskConfig {
-            path: file.path().to_owned(),
+            path: Some(file.path().to_owned()),
+            socket: None,
             read_only: false,
             serial: serial.map(str::to_owned),
             direct: false,
@@ -376,7 +398,18 @@ mod tests {
             "disks[0].queue_size"
         );
         let mut dir = disk(None, None);
-        dir.path = std::env::temp_dir();
+        dir.path = Some(std::env::temp_dir());
         assert_eq!(field_of(validate_disks(&[dir])), "disks[0].path");
+        let mut both = disk(None, None);
+        both.socket = Some("/run/blk.sock".into());
+        assert_eq!(field_of(validate_disks(&[both])), "disks[0]");
+        let mut remote = disk(Some("x"), None);
+        remote.path = None;
+        remote.socket = Some("/run/blk.sock".into());
+        assert_eq!(
+            field_of(validate_disks(&[remote])),
+            "disks[0]",
+            "serial is the backend's"
+        );
     }
 }

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use devices::{DiskConfig, NetConfig, ShareConfig, MAX_QUEUE_SIZE};
+pub use devices::{
+    DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
+};
 pub use error::ConfigError;
 
 /// The whole VM description.
@@ -116,7 +118,10 @@ impl VmConfig {
             resolve(p);
         }
         for disk in &mut self.disks {
-            resolve(&mut disk.path);
+            disk.path
+                .iter_mut()
+                .chain(disk.socket.iter_mut())
+                .for_each(resolve);
         }
         for share in &mut self.shares {
             resolve(&mut share.socket);
@@ -125,7 +130,7 @@ impl VmConfig {
 
     /// vhost-user backends map guest memory, which must then be shared.
     pub fn needs_shared_memory(&self) -> bool {
-        !self.shares.is_empty()
+        !self.shares.is_empty() || self.disks.iter().any(|d| d.socket.is_some())
     }
 
     /// The command line the guest gets, before the VMM appends device parameters.

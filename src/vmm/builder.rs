@@ -60,8 +60,6 @@ pub enum BuildError {
     MmioDevices(#[from] MmioDevicesError),
     #[error("config field `kernel.cmdline`: with the virtio device parameters appended the command line is {0} bytes; the limit is {max}", max = layout::CMDLINE_MAX_SIZE - 1)]
     CmdlineTooLong(usize),
-    #[error("config field `shares`: share {0:?} needs virtio-fs, which this build cannot provide yet (socket wait would be {1:?})")]
-    SharesUnsupported(String, std::time::Duration),
 }
 
 impl BuildError {
@@ -70,9 +68,8 @@ impl BuildError {
         match self {
             BuildError::Loader(_)
             | BuildError::SerialOutput { .. }
-            | BuildError::VirtioDevice(_)
-            | BuildError::CmdlineTooLong(_)
-            | BuildError::SharesUnsupported(..) => crate::EXIT_USAGE,
+            | BuildError::CmdlineTooLong(_) => crate::EXIT_USAGE,
+            BuildError::VirtioDevice(e) if e.is_user_error() => crate::EXIT_USAGE,
             BuildError::Vm(VmError::TooManyVcpus { .. }) => crate::EXIT_USAGE,
             _ => crate::EXIT_FAILURE,
         }
@@ -118,19 +115,15 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
     let pio_bus = legacy_port_bus(&serial, &exit_events)?;
     let mut virtio = MmioDevices::default();
     for (index, disk) in config.disks.iter().enumerate() {
-        let block = virtio_devices::create_block(index, disk)?;
-        virtio.add(&vm, &mem, Arc::new(Mutex::new(block)))?;
+        virtio.add(&vm, &mem, virtio_devices::create_disk(index, disk)?)?;
     }
     for (index, net) in config.net.iter().enumerate() {
         let net = virtio_devices::create_net(index, net)?;
         virtio.add(&vm, &mem, Arc::new(Mutex::new(net)))?;
     }
-    if let Some(share) = config.shares.first() {
-        // The vhost-user frontend is not wired in yet: refuse rather than boot without it.
-        return Err(BuildError::SharesUnsupported(
-            share.tag.clone(),
-            share.connect_timeout(),
-        ));
+    for (index, share) in config.shares.iter().enumerate() {
+        let share = virtio_devices::create_share(index, share)?;
+        virtio.add(&vm, &mem, Arc::new(Mutex::new(share)))?;
     }
     let slots = virtio.slots().to_vec();
     let mmio_bus = virtio.into_bus();

@@ -5,11 +5,16 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::net::{Net, NetConfig as NetDeviceConfig, Tap, TapError};
+use devices::virtio::vhost_user::{self, VhostUserDevice, VhostUserKind};
+use devices::virtio::VirtioDevice;
 
-use crate::config::{DiskConfig, NetConfig, MAX_QUEUE_SIZE};
+use crate::config::{
+    DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioDeviceError {
@@ -33,20 +38,64 @@ pub enum VirtioDeviceError {
     },
     #[error("config field `net[{index}].fd`: descriptor {fd} is not open; the process that starts mvmm must pass it")]
     FdNotOpen { index: usize, fd: i32 },
+    #[error("config field `{field}`: {source}")]
+    VhostUser {
+        field: String,
+        source: vhost_user::Error,
+    },
+}
+
+impl VirtioDeviceError {
+    /// A backend that never showed up is a setup problem (2); a broken one is a failure (1).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            VirtioDeviceError::VhostUser { source, .. } => {
+                matches!(source, vhost_user::Error::SocketTimeout { .. })
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Builds disk `index`: a virtio-blk device on its file, or a vhost-user-blk frontend.
+pub fn create_disk(
+    index: usize,
+    disk: &DiskConfig,
+) -> Result<Arc<Mutex<dyn VirtioDevice>>, VirtioDeviceError> {
+    let (Some(path), None) = (&disk.path, &disk.socket) else {
+        let socket = disk.socket.clone().unwrap_or_default();
+        let device = VhostUserDevice::new(
+            socket,
+            VhostUserKind::Block,
+            disk.queue_size.unwrap_or(MAX_QUEUE_SIZE),
+            None,
+            std::time::Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS.into()),
+        )
+        .map_err(|source| VirtioDeviceError::VhostUser {
+            field: format!("disks[{index}].socket"),
+            source,
+        })?;
+        return Ok(Arc::new(Mutex::new(device)));
+    };
+    Ok(Arc::new(Mutex::new(create_block(index, path, disk)?)))
 }
 
 /// Opens disk `index` as the config describes and builds its virtio-blk device.
-pub fn create_block(index: usize, disk: &DiskConfig) -> Result<Block, VirtioDeviceError> {
+fn create_block(
+    index: usize,
+    path: &std::path::Path,
+    disk: &DiskConfig,
+) -> Result<Block, VirtioDeviceError> {
     let mut options = OpenOptions::new();
     options.read(true).write(!disk.read_only);
     if disk.direct {
         options.custom_flags(libc::O_DIRECT);
     }
     let file = options
-        .open(&disk.path)
+        .open(path)
         .map_err(|source| VirtioDeviceError::OpenDisk {
             index,
-            path: disk.path.display().to_string(),
+            path: path.display().to_string(),
             source,
         })?;
     Block::new(BlockConfig {
@@ -83,4 +132,25 @@ pub fn create_net(index: usize, net: &NetConfig) -> Result<Net, VirtioDeviceErro
         queue_size: net.queue_size.unwrap_or(MAX_QUEUE_SIZE),
     })
     .map_err(|source| VirtioDeviceError::Net { index, source })
+}
+
+/// Connects to share `index`'s virtiofsd (waiting for its socket) and builds the virtio-fs
+/// frontend.
+pub fn create_share(
+    index: usize,
+    share: &ShareConfig,
+) -> Result<VhostUserDevice, VirtioDeviceError> {
+    VhostUserDevice::new(
+        share.socket.clone(),
+        VhostUserKind::Fs {
+            tag: share.tag.clone(),
+        },
+        share.queue_size.unwrap_or(vhost_user::DEFAULT_QUEUE_SIZE),
+        share.num_queues,
+        share.connect_timeout(),
+    )
+    .map_err(|source| VirtioDeviceError::VhostUser {
+        field: format!("shares[{index}].socket"),
+        source,
+    })
 }

@@ -202,3 +202,104 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 pub fn line_value<'a>(stdout: &'a str, prefix: &str) -> Option<&'a str> {
     stdout.lines().find_map(|l| l.strip_prefix(prefix))
 }
+
+/// A running mvmm whose stdout and stderr are read line by line as they come.
+pub struct Watched {
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<(bool, String)>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Watched {
+    pub fn spawn(mut cmd: Command) -> Self {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send((true, l));
+            }
+        });
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send((false, l));
+            }
+        });
+        Self {
+            child,
+            lines,
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+
+    /// Waits until a line containing `needle` appears (on stdout if `on_stdout`, else stderr).
+    pub fn wait_for(&mut self, on_stdout: bool, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((is_stdout, line)) => {
+                    let found = is_stdout == on_stdout && line.contains(needle);
+                    let buf = if is_stdout {
+                        &mut self.stdout
+                    } else {
+                        &mut self.stderr
+                    };
+                    buf.push_str(&line);
+                    buf.push('\n');
+                    if found {
+                        return true;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Waits for the process to exit (killing it after `timeout`) and collects the rest.
+    pub fn finish(mut self, timeout: Duration) -> RunOutput {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        while let Ok((is_stdout, line)) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            let buf = if is_stdout {
+                &mut self.stdout
+            } else {
+                &mut self.stderr
+            };
+            buf.push_str(&line);
+            buf.push('\n');
+        }
+        RunOutput {
+            status,
+            stdout: self.stdout,
+            stderr: self.stderr,
+            elapsed: start.elapsed(),
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}

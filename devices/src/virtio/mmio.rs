@@ -72,6 +72,9 @@ pub struct MmioInterrupt {
     irqfd: EventFd,
     /// A backend signals the irqfd itself (see `VirtioInterrupt::direct_notifier`).
     direct: AtomicBool,
+    /// The device asked for a reset (`VirtioInterrupt::signal_needs_reset`).
+    needs_reset: AtomicBool,
+    config_generation: AtomicU32,
 }
 
 impl MmioInterrupt {
@@ -99,6 +102,12 @@ impl VirtioInterrupt for MmioInterrupt {
         self.raise(INT_CONFIG_CHANGE)
     }
 
+    fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INT_CONFIG_CHANGE)
+    }
+
     fn direct_notifier(&self) -> Option<EventFd> {
         let notifier = self.irqfd.try_clone().ok()?;
         self.direct.store(true, Ordering::SeqCst);
@@ -122,7 +131,6 @@ pub struct MmioTransport {
     driver_features_sel: u32,
     driver_features: u64,
     queue_sel: u32,
-    config_generation: u32,
 }
 
 fn lock(device: &Mutex<dyn VirtioDevice>) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
@@ -154,6 +162,8 @@ impl MmioTransport {
                 status: AtomicU32::new(0),
                 irqfd,
                 direct: AtomicBool::new(false),
+                needs_reset: AtomicBool::new(false),
+                config_generation: AtomicU32::new(0),
             }),
             requested_sizes: queues.iter().map(|q| q.max_size()).collect(),
             queues,
@@ -164,7 +174,6 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
-            config_generation: 0,
         })
     }
 
@@ -210,10 +219,17 @@ impl MmioTransport {
                 .get(self.queue_sel as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
-            reg::STATUS => self.status,
+            reg::STATUS => {
+                let needs_reset = if self.interrupt.needs_reset.load(Ordering::SeqCst) {
+                    status::DEVICE_NEEDS_RESET
+                } else {
+                    0
+                };
+                self.status | needs_reset
+            }
             // No shared memory regions: length all ones means "does not exist".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
-            reg::CONFIG_GENERATION => self.config_generation,
+            reg::CONFIG_GENERATION => self.interrupt.config_generation.load(Ordering::SeqCst),
             _ => 0,
         }
     }
@@ -279,6 +295,8 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, value: u32) {
+        // DEVICE_NEEDS_RESET is the device's to set; a driver echoing it back changes nothing.
+        let value = value & !status::DEVICE_NEEDS_RESET;
         if value == 0 {
             self.reset();
             return;
@@ -365,9 +383,7 @@ impl MmioTransport {
 
     /// Tells the driver the device is broken until it resets it.
     fn needs_reset(&mut self) {
-        self.status |= status::DEVICE_NEEDS_RESET;
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if let Err(e) = self.interrupt.signal_config_change() {
+        if let Err(e) = self.interrupt.signal_needs_reset() {
             log::error!("virtio-mmio: cannot raise the config-change interrupt: {e}");
         }
     }
@@ -386,6 +402,7 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.interrupt.status.store(0, Ordering::SeqCst);
         self.interrupt.direct.store(false, Ordering::SeqCst);
+        self.interrupt.needs_reset.store(false, Ordering::SeqCst);
         for (q, size) in self.queues.iter_mut().zip(&mut self.requested_sizes) {
             q.reset();
             *size = q.max_size();

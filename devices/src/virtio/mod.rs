@@ -10,6 +10,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vhost_user;
 
 use std::sync::Arc;
 
@@ -33,6 +34,11 @@ pub trait VirtioInterrupt: Send + Sync {
     fn signal_used_queue(&self, queue_index: u16) -> std::io::Result<()>;
     /// The device's configuration space changed.
     fn signal_config_change(&self) -> std::io::Result<()>;
+    /// The device cannot go on until the driver resets it (virtio 1.2, 2.1.2): the transport
+    /// shows DEVICE_NEEDS_RESET in the status and raises a configuration-change interrupt.
+    fn signal_needs_reset(&self) -> std::io::Result<()> {
+        self.signal_config_change()
+    }
     /// An eventfd that raises the device's interrupt when written, for an external backend
     /// (vhost-user's VRING_CALL) to interrupt the guest directly, with no VMM on the path.
     /// Once a device asked for it, the transport reports a used-buffer interrupt in every
