@@ -15,6 +15,7 @@ command -v objcopy >/dev/null || need_pkgs+=(binutils)
 command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq
@@ -29,6 +30,10 @@ fi
 # The pinned Debian kernel for the real-kernel check, cached outside the repo.
 log "fetching the pinned Debian kernel (cached)"
 bash resources/guest/fetch-kernel.sh >/dev/null
+
+# virtiofsd for the virtio-fs tests (built once with cargo install, cached in ~/.cargo/bin).
+log "installing virtiofsd (cached)"
+bash resources/guest/install-virtiofsd.sh >/dev/null
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
