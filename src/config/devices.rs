@@ -22,6 +22,8 @@ pub struct DiskConfig {
     pub path: Option<PathBuf>,
     /// Instead of `path`: a vhost-user-blk backend's socket (e.g. `mvmm backend blk`).
     pub socket: Option<PathBuf>,
+    /// With `socket`: how long to wait for it at start, in seconds (default 30).
+    pub connect_timeout_secs: Option<u32>,
     #[serde(default)]
     pub read_only: bool,
     /// The disk's ID (at most 20 bytes), shown in /dev/disk/by-id/virtio-<serial>.
@@ -69,6 +71,12 @@ pub const DEFAULT_CONNECT_TIMEOUT_SECS: u32 = 30;
 pub fn validate_shares(shares: &[ShareConfig]) -> Result<(), ConfigError> {
     for (i, share) in shares.iter().enumerate() {
         let field = |name: &str| format!("shares[{i}].{name}");
+        if share.socket.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                field("socket"),
+                "is empty; give virtiofsd's socket path",
+            ));
+        }
         if share.tag.is_empty() || share.tag.len() > MAX_TAG_LEN || share.tag.contains('\0') {
             return Err(ConfigError::invalid(
                 field("tag"),
@@ -152,7 +160,10 @@ pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
         let field = |name: &str| format!("disks[{i}].{name}");
         let path = match (&disk.path, &disk.socket) {
             (Some(path), None) => path,
-            (None, Some(_)) => {
+            (None, Some(socket)) => {
+                if socket.as_os_str().is_empty() {
+                    return Err(ConfigError::invalid(field("socket"), "is empty; give the backend's socket path"));
+                }
                 if disk.read_only || disk.serial.is_some() || disk.direct {
                     return Err(ConfigError::invalid(
                         format!("disks[{i}]"),
@@ -375,6 +386,7 @@ mod tests {
         let disk = |serial: Option<&str>, queue_size| DiskConfig {
             path: Some(file.path().to_owned()),
             socket: None,
+            connect_timeout_secs: None,
             read_only: false,
             serial: serial.map(str::to_owned),
             direct: false,

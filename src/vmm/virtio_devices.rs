@@ -50,7 +50,14 @@ impl VirtioDeviceError {
     pub fn is_user_error(&self) -> bool {
         match self {
             VirtioDeviceError::VhostUser { source, .. } => {
-                matches!(source, vhost_user::Error::SocketTimeout { .. })
+                matches!(
+                    source,
+                    vhost_user::Error::SocketTimeout { .. }
+                        | vhost_user::Error::BackendQueues { .. }
+                        | vhost_user::Error::QueueCount { .. }
+                        | vhost_user::Error::FsTag(_)
+                        | vhost_user::Error::QueueSize(_)
+                )
             }
             _ => true,
         }
@@ -69,7 +76,11 @@ pub fn create_disk(
             VhostUserKind::Block,
             disk.queue_size.unwrap_or(MAX_QUEUE_SIZE),
             None,
-            std::time::Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS.into()),
+            std::time::Duration::from_secs(
+                disk.connect_timeout_secs
+                    .unwrap_or(DEFAULT_CONNECT_TIMEOUT_SECS)
+                    .into(),
+            ),
         )
         .map_err(|source| VirtioDeviceError::VhostUser {
             field: format!("disks[{index}].socket"),
