@@ -4,11 +4,16 @@
 # Downloads the kernel package named in kernel.pin (next to this script) with
 # apt, checks its SHA-256 against the pin, unpacks /boot from it into a cache
 # outside the repository and derives an uncompressed ELF vmlinux (the PVH entry
-# point lives in its notes) from the bzImage.
+# point lives in its notes) from the bzImage. It also extracts the few kernel
+# modules the guest test kit needs (virtio transports and drivers, fuse/
+# virtiofs, vsock; see GUEST_MODULES below) plus their dependencies, and
+# writes their load order to modules.load.
 #
 # Usage:
-#   fetch-kernel.sh                 fetch/verify; last two stdout lines are
-#                                   BZIMAGE=<path> and VMLINUX=<path>
+#   fetch-kernel.sh                 fetch/verify; stdout is three lines:
+#                                   MODULES=<dir>, BZIMAGE=<path> and
+#                                   VMLINUX=<path> (the last two are always
+#                                   the last two lines)
 #   fetch-kernel.sh --verify        same, but re-hash cached files even if the
 #                                   stamp says they are complete
 #   fetch-kernel.sh --print-version print the pinned package version
@@ -26,6 +31,28 @@
 set -euo pipefail
 
 readonly LZ4_LEGACY_MAGIC=02214c18
+
+# Kernel modules for the guest test kit (resources/guest/build-initramfs.sh),
+# by module name. Modules they depend on (the depends= field of .modinfo) are
+# added automatically. A name that the kernel has built in (modules.builtin)
+# is skipped; any other missing name is an error.
+GUEST_MODULES=(
+    virtio_ring virtio virtio_mmio
+    virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+    virtio_blk
+    failover net_failover virtio_net
+    fuse virtiofs
+    vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+)
+# CONFIG_<symbol>:<module> pairs, extracted only if the kernel config has
+# CONFIG_<symbol>=m: ext4 (its jbd2/mbcache/crc16 come in as dependencies),
+# the crc32c that ext4 asks the crypto API for at mount time (not a modinfo
+# dependency), AF_PACKET. Debian's cloud kernel builds them all in; the list
+# keeps a future pin from silently losing them.
+GUEST_MODULES_IF_MODULAR=(EXT4_FS:ext4 CRYPTO_CRC32C:crc32c_generic PACKET:af_packet)
+# Recorded in the stamp: changing either list rebuilds the cache entry.
+MODULES_SPEC="${GUEST_MODULES[*]} ${GUEST_MODULES_IF_MODULAR[*]}"
+MODULES_SPEC=${MODULES_SPEC// /,}
 
 log() { printf 'fetch-kernel: %s\n' "$*" >&2; }
 die() {
@@ -116,11 +143,19 @@ set_paths() {
     KDIR=$CACHE/kernel/$KREL
     BZIMAGE=$KDIR/bzImage
     VMLINUX=$KDIR/vmlinux
+    MODDIR=$KDIR/modules/lib/modules/$KREL
     STAMP=$KDIR/.complete
 }
 
+# Hash over the extracted module tree (relative path + content of every
+# file), for the stamp and --verify.
+modules_hash() { # <modules root containing lib/>
+    (cd "$1" && find lib -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum) |
+        sha256sum | cut -d' ' -f1
+}
+
 cache_ok() { # [--verify]
-    [[ -f $STAMP && -f $BZIMAGE && -f $VMLINUX ]] || return 1
+    [[ -f $STAMP && -f $BZIMAGE && -f $VMLINUX && -f $MODDIR/modules.load ]] || return 1
     local -A st=()
     local k v
     while IFS='=' read -r k v; do
@@ -128,6 +163,7 @@ cache_ok() { # [--verify]
     done <"$STAMP" || return 1
     [[ ${st[version]:-} == "$KERNEL_VERSION" && ${st[deb_sha256]:-} == "$KERNEL_DEB_SHA256" ]] ||
         return 1
+    [[ ${st[modules_spec]:-} == "$MODULES_SPEC" ]] || return 1
     local sizes
     sizes=$(stat -Lc %s "$BZIMAGE" "$VMLINUX" 2>/dev/null) || return 1
     [[ $sizes == "${st[bzimage_size]:-}"$'\n'"${st[vmlinux_size]:-}" ]] || return 1
@@ -135,12 +171,13 @@ cache_ok() { # [--verify]
         local sums
         sums=$(sha256sum "$BZIMAGE" "$VMLINUX" | cut -d' ' -f1) || return 1
         [[ $sums == "${st[bzimage_sha256]:-}"$'\n'"${st[vmlinux_sha256]:-}" ]] || return 1
+        [[ $(modules_hash "$KDIR/modules") == "${st[modules_sha256]:-}" ]] || return 1
     fi
     return 0
 }
 
 emit_paths() {
-    printf 'BZIMAGE=%s\nVMLINUX=%s\n' "$BZIMAGE" "$VMLINUX"
+    printf 'MODULES=%s\nBZIMAGE=%s\nVMLINUX=%s\n' "$MODDIR" "$BZIMAGE" "$VMLINUX"
 }
 
 if [[ $mode == fetch ]]; then
@@ -417,15 +454,122 @@ else
     mv -f "$dl" "$DEB"
 fi
 
-# 2. Unpack /boot only (the modules are ~100 MB and not needed).
+# 2. Unpack /boot and the guest test kit's modules (not the other ~100 MB of
+#    modules).
 stage=$TMP/stage
 mkdir -p "$stage"
+log "listing $(basename "$DEB")"
+members=$TMP/members
+dpkg-deb --fsys-tarfile "$DEB" | tar -t >"$members" || die "could not list the contents of $DEB"
+moddir_rel=./lib/modules/$KREL
+extra=()
+grep -qxF "$moddir_rel/modules.builtin" "$members" && extra+=("$moddir_rel/modules.builtin")
 log "unpacking /boot from $(basename "$DEB")"
-dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$stage" ./boot ||
+dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$stage" ./boot "${extra[@]}" ||
     die "could not unpack ./boot from $DEB"
 vmlinuz=$stage/boot/vmlinuz-$KREL
 [[ -f $vmlinuz ]] || die "$DEB contains no boot/vmlinuz-$KREL"
 ln "$vmlinuz" "$stage/bzImage" 2>/dev/null || cp "$vmlinuz" "$stage/bzImage"
+
+# Module name (as modinfo/lsmod spell it) -> member path in the package.
+declare -A MOD_PATH=()
+while IFS= read -r m; do
+    n=${m##*/}
+    n=${n%.ko}
+    MOD_PATH[${n//-/_}]=$m
+done < <(grep -E "^${moddir_rel//./\.}/kernel/.*\.ko$" "$members")
+((${#MOD_PATH[@]} > 0)) || {
+    grep -qE "^${moddir_rel//./\.}/kernel/.*\.ko\.(xz|zst|gz)$" "$members" &&
+        die "$DEB has compressed kernel modules; the guest test kit only handles plain .ko files"
+    die "$DEB contains no kernel modules under $moddir_rel/kernel"
+}
+declare -A MOD_BUILTIN=()
+if [[ -f $stage/lib/modules/$KREL/modules.builtin ]]; then
+    while IFS= read -r m; do
+        n=${m##*/}
+        n=${n%.ko}
+        MOD_BUILTIN[${n//-/_}]=1
+    done <"$stage/lib/modules/$KREL/modules.builtin"
+fi
+kconfig=$stage/boot/config-$KREL
+[[ -f $kconfig ]] || die "$DEB contains no boot/config-$KREL"
+
+# The .modinfo strings of a module file, one per line.
+modinfo_of() { # <file>
+    LC_ALL=C readelf -p .modinfo "$1" 2>/dev/null | sed -n 's/^ *\[ *[0-9a-f]*\] *//p'
+}
+
+want=("${GUEST_MODULES[@]}")
+for pair in "${GUEST_MODULES_IF_MODULAR[@]}"; do
+    sym=${pair%%:*} mod=${pair#*:}
+    if grep -qx "CONFIG_$sym=m" "$kconfig"; then
+        want+=("$mod")
+    else
+        log "CONFIG_$sym is not modular ($(grep -E "^(# )?CONFIG_${sym}[= ]" "$kconfig" || echo unset)); no $mod module needed"
+    fi
+done
+declare -A MOD_DEPS=() # name -> space-separated dependencies
+mod_names=()           # extracted modules, in the order first needed
+modroot=$stage/modules
+mkdir -p "$modroot"
+while ((${#want[@]})); do
+    batch=() new=()
+    for n in "${want[@]}"; do
+        n=${n//-/_}
+        [[ -n ${MOD_DEPS[$n]+x} ]] && continue
+        if [[ -z ${MOD_PATH[$n]:-} ]]; then
+            [[ -n ${MOD_BUILTIN[$n]:-} ]] && { log "module $n is built into the kernel"; continue; }
+            die "$DEB has no module '$n' (not in $moddir_rel/kernel, not in modules.builtin)"
+        fi
+        MOD_DEPS[$n]=''
+        batch+=("${MOD_PATH[$n]}")
+        new+=("$n")
+    done
+    ((${#batch[@]})) || break
+    log "extracting modules: ${new[*]}"
+    dpkg-deb --fsys-tarfile "$DEB" | tar -x -C "$modroot" "${batch[@]}" ||
+        die "could not unpack modules from $DEB"
+    want=()
+    for n in "${new[@]}"; do
+        f=$modroot/${MOD_PATH[$n]#./}
+        info=$(modinfo_of "$f")
+        vermagic=$(sed -n 's/^vermagic=//p' <<<"$info")
+        [[ $vermagic == "$KREL "* ]] || die "$f: vermagic '$vermagic' does not match $KREL"
+        deps=$(sed -n 's/^depends=//p' <<<"$info")
+        deps=${deps//,/ }
+        MOD_DEPS[$n]=$deps
+        mod_names+=("$n")
+        # shellcheck disable=SC2206 # word splitting wanted
+        want+=($deps)
+    done
+done
+
+# Dependency order (dependencies first), ties in the order of GUEST_MODULES.
+declare -A MOD_STATE=()
+mod_order=()
+visit_mod() { # <name> [chain]
+    local n=$1 d
+    case ${MOD_STATE[$n]:-} in
+    "done") return 0 ;;
+    active) die "module dependency cycle: $2 $n" ;;
+    esac
+    MOD_STATE[$n]=active
+    for d in ${MOD_DEPS[$n]}; do
+        d=${d//-/_}
+        [[ -n ${MOD_DEPS[$d]+x} ]] || continue # built in
+        visit_mod "$d" "${2:-} $n"
+    done
+    MOD_STATE[$n]="done"
+    mod_order+=("$n")
+}
+for n in "${mod_names[@]}"; do visit_mod "$n"; done
+for n in "${mod_order[@]}"; do
+    printf '%s\n' "${MOD_PATH[$n]#"$moddir_rel"/}"
+done >"$modroot/lib/modules/$KREL/modules.load"
+[[ -f $stage/lib/modules/$KREL/modules.builtin ]] &&
+    cp "$stage/lib/modules/$KREL/modules.builtin" "$modroot/lib/modules/$KREL/"
+rm -rf "${stage:?}/lib"
+log "modules (load order): ${mod_order[*]}"
 
 # 3. vmlinux = LZ4-decompressed bzImage payload.
 payload=$(locate_payload "$stage/bzImage")
@@ -455,10 +599,12 @@ vm_size=$(stat -c %s "$stage/vmlinux")
     printf 'bzimage_size=%s\nbzimage_sha256=%s\n' "$bz_size" "$(sha256_of "$stage/bzImage")"
     printf 'vmlinux_size=%s\nvmlinux_sha256=%s\n' "$vm_size" "$(sha256_of "$stage/vmlinux")"
     printf 'pvh_entry=%s\n' "$pvh_entry"
+    printf 'modules_spec=%s\nmodules=%s\nmodules_sha256=%s\n' "$MODULES_SPEC" \
+        "${mod_order[*]}" "$(modules_hash "$modroot")"
 } >"$stage/.complete"
 
 rm -rf "$KDIR"
 mv "$stage" "$KDIR"
 cache_ok || die "internal error: freshly built cache at $KDIR does not verify"
-log "kernel $KREL ($KERNEL_VERSION): bzImage $bz_size bytes, vmlinux $vm_size bytes, PVH entry $pvh_entry"
+log "kernel $KREL ($KERNEL_VERSION): bzImage $bz_size bytes, vmlinux $vm_size bytes, PVH entry $pvh_entry, ${#mod_order[@]} modules"
 emit_paths
