@@ -34,8 +34,10 @@ const HEADER_REPLY: u32 = 0x4;
 /// The largest configuration space vhost-user carries.
 const MAX_CONFIG_SIZE: usize = 0x1000;
 
-/// How often to look for the socket while waiting for a backend to start.
-const STARTUP_POLL: Duration = Duration::from_millis(10);
+/// How often to look for the socket while waiting for a backend to start: quickly at first
+/// (a backend started in parallel usually listens within a few ms), backing off to the maximum.
+const STARTUP_POLL_FIRST: Duration = Duration::from_millis(1);
+const STARTUP_POLL_MAX: Duration = Duration::from_millis(10);
 
 /// Nobody listens on `path` (yet): the socket file is missing or stale.
 pub(super) fn is_absent(e: &io::Error) -> bool {
@@ -53,6 +55,7 @@ pub(super) fn wait_for_socket(
 ) -> Result<UnixStream, Error> {
     let deadline = Instant::now() + timeout;
     let mut waiting = false;
+    let mut poll = STARTUP_POLL_FIRST;
     loop {
         match UnixStream::connect(path) {
             Ok(stream) => return Ok(stream),
@@ -71,7 +74,8 @@ pub(super) fn wait_for_socket(
                     );
                     waiting = true;
                 }
-                std::thread::sleep(STARTUP_POLL.min(deadline - now));
+                std::thread::sleep(poll.min(deadline - now));
+                poll = (poll * 2).min(STARTUP_POLL_MAX);
             }
             Err(source) => {
                 return Err(Error::Connect {
