@@ -13,7 +13,7 @@ mod chain;
 mod rx;
 mod tap;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 mod tx;
 mod worker;
 
@@ -25,6 +25,7 @@ use virtio_bindings::virtio_net::*;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+pub(crate) use chain::request_notification;
 pub use chain::{FrameIo, MAX_IOVECS};
 pub use rx::{RxOutcome, RxPath, RxStop};
 pub use tap::{Tap, TapError};
@@ -55,8 +56,8 @@ const fn bit(feature: u32) -> u64 {
     1 << feature
 }
 
-/// Features offered regardless of configuration.
-const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
+/// Features offered regardless of configuration (VIRTIO_NET_F_MTU is added when an MTU is set).
+pub const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_EVENT_IDX
     | VIRTIO_RING_F_INDIRECT_DESC
     | bit(VIRTIO_NET_F_MAC)
@@ -74,7 +75,7 @@ const BASE_FEATURES: u64 = VIRTIO_F_VERSION_1
     | bit(VIRTIO_NET_F_HOST_UFO);
 
 /// Length of the configuration space we expose: mac, status, max_virtqueue_pairs, mtu.
-const CONFIG_LEN: usize = 12;
+pub const CONFIG_LEN: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -177,13 +178,18 @@ impl Net {
     }
 
     fn config_space(&self) -> [u8; CONFIG_LEN] {
-        let mut cfg = [0u8; CONFIG_LEN];
-        cfg[..6].copy_from_slice(&self.mac);
-        cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
-        cfg[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
-        cfg
+        config_space(&self.mac, self.mtu)
     }
+}
+
+/// The little-endian configuration space: `mac`, link up, one queue pair, `mtu` (0 if none).
+pub fn config_space(mac: &[u8; 6], mtu: Option<u16>) -> [u8; CONFIG_LEN] {
+    let mut cfg = [0u8; CONFIG_LEN];
+    cfg[..6].copy_from_slice(mac);
+    cfg[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+    cfg[10..12].copy_from_slice(&mtu.unwrap_or(0).to_le_bytes());
+    cfg
 }
 
 /// The tap offloads (TUN_F_*) matching what the driver accepted to receive: the kernel may
