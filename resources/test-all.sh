@@ -46,4 +46,4 @@ cargo build --release --locked
 python3 resources/schema/check.py --builtin --mvmm target/release/mvmm
 
 log "cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
