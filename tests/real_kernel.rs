@@ -19,7 +19,13 @@ const MEMORY_MIB: u64 = 512;
 const VCPUS: u32 = 2;
 /// The tables mvmm provides, as the kernel lists them.
 const ACPI_TABLES: [&str; 5] = ["RSDP", "XSDT", "FACP", "DSDT", "APIC"];
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// The ELF vmlinux prints everything checked here within 90 s.
+const ELF_BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// A bzImage first decompresses itself in guest ring 0, which this machine's software KVM
+/// emulates instruction by instruction: 80-85 s here on an idle machine, for QEMU with KVM as
+/// much as for mvmm (measured side by side). 90 s would be a coin toss; on hardware KVM the
+/// same boot takes well under a second.
+const BZIMAGE_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 struct DebianKernel {
     bzimage: PathBuf,
@@ -75,7 +81,7 @@ fn e820_total(lines: &[String]) -> u64 {
 /// bzImage's decompression needs one to itself to stay well inside the deadline.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
+fn boot_debian_kernel(kernel: &std::path::Path, label: &str, boot_timeout: Duration) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let vm = VmDir::new();
     let token = format!("mvmm.token={label}-{}", std::process::id());
@@ -107,7 +113,7 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
             && seen(lines, &format!("smpboot: Allowing {VCPUS} CPUs, 0 hotplug CPUs"))
     };
     while !done(&lines) {
-        let left = BOOT_TIMEOUT.saturating_sub(start.elapsed());
+        let left = boot_timeout.saturating_sub(start.elapsed());
         match rx.recv_timeout(left) {
             Ok(line) => lines.push(line),
             Err(_) => {
@@ -115,7 +121,7 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
                 let out = wait_with_timeout(child, Duration::from_secs(5));
                 panic!(
                     "{label}: kernel did not print banner, command line, e820 map, ACPI tables and CPUs within {:?}:\n{}\n{}",
-                    BOOT_TIMEOUT,
+                    boot_timeout,
                     lines.join("\n"),
                     out.stderr
                 );
@@ -170,10 +176,10 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str) {
 
 #[test]
 fn debian_kernel_as_elf_vmlinux_via_pvh() {
-    boot_debian_kernel(&debian_kernel().vmlinux, "vmlinux");
+    boot_debian_kernel(&debian_kernel().vmlinux, "vmlinux", ELF_BOOT_TIMEOUT);
 }
 
 #[test]
 fn debian_kernel_as_bzimage() {
-    boot_debian_kernel(&debian_kernel().bzimage, "bzimage");
+    boot_debian_kernel(&debian_kernel().bzimage, "bzimage", BZIMAGE_BOOT_TIMEOUT);
 }
