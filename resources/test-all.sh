@@ -46,4 +46,11 @@ cargo build --release --locked
 python3 resources/schema/check.py --builtin --mvmm target/release/mvmm
 
 log "cargo test"
-cargo test --workspace --locked --no-fail-fast
+# Unit and integration tests (no doctests: there are none, and their empty summary would be
+# the last word). The totals of every test binary close the run.
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+status=0
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$results" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$results"
+exit "$status"
