@@ -16,6 +16,9 @@ command -v iasl >/dev/null || need_pkgs+=(acpica-tools)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v dpkg-deb >/dev/null || need_pkgs+=(dpkg)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+command -v qemu-storage-daemon >/dev/null || need_pkgs+=(qemu-system-common)
+[[ -x /usr/sbin/e2fsck && -x /usr/sbin/debugfs ]] || need_pkgs+=(e2fsprogs)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq
@@ -30,6 +33,8 @@ fi
 # The pinned Debian kernel for the real-kernel check, cached outside the repo.
 log "fetching the pinned Debian kernel (cached)"
 bash resources/guest/fetch-kernel.sh >/dev/null
+log "building the guest test kit's initramfs (cached)"
+bash resources/guest/build-initramfs.sh >/dev/null
 
 # virtiofsd for the virtio-fs tests (built once with cargo install, cached in ~/.cargo/bin).
 log "installing virtiofsd (cached)"
