@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -200,7 +199,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
 /// The UART, its interrupt wired through an irqfd, its output where the config says.
 fn create_serial(vm: &Vm, config: &SerialConfig) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let out: Box<dyn Write + Send> = match (config.mode, &config.path) {
-        (SerialMode::Stdout, _) => Box::new(stdout_unbuffered()),
+        (SerialMode::Stdout, _) => stdout_unbuffered(),
         (SerialMode::File, Some(path)) => {
             Box::new(
                 File::create(path).map_err(|source| BuildError::SerialOutput {
@@ -217,19 +216,15 @@ fn create_serial(vm: &Vm, config: &SerialConfig) -> Result<Arc<Mutex<SerialDevic
 }
 
 /// Guest console bytes go straight to fd 1, unbuffered, so nothing is lost at exit.
-fn stdout_unbuffered() -> File {
-    // SAFETY: dup gives us our own descriptor for stdout; File owns and closes it.
-    let fd = unsafe { libc::dup(libc::STDOUT_FILENO) };
-    if fd < 0 {
-        log::warn!("cannot duplicate stdout; guest console output is dropped");
-        // SAFETY: opening /dev/null never yields an fd we do not own.
-        return File::options()
-            .write(true)
-            .open("/dev/null")
-            .unwrap_or_else(|_| unsafe { File::from_raw_fd(libc::STDOUT_FILENO) });
+fn stdout_unbuffered() -> Box<dyn Write + Send> {
+    use std::os::fd::AsFd;
+    match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(File::from(fd)),
+        Err(e) => {
+            log::warn!("cannot duplicate stdout ({e}); guest console output is dropped");
+            Box::new(std::io::sink())
+        }
     }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    unsafe { File::from_raw_fd(fd) }
 }
 
 /// The port I/O bus: UART, i8042, ACPI sleep register.
