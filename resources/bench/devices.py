@@ -17,6 +17,9 @@ Target: mvmm >= 85% of fio's IOPS at QD 32.
 import argparse, json, os, resource, shutil, subprocess, sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import build_bench, loadavg, log  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 TARGET_RATIO = 0.85
@@ -35,39 +38,7 @@ WORKLOADS = [
 ]
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def loadavg():
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 # ---- Setup -------------------------------------------------------------------------------
-
-def build_harness():
-    """Builds the bench binary (bench profile = release) and returns its path."""
-    log("building devices/benches/blk_path.rs (cargo bench --no-run) ...")
-    cmd = ["cargo", "bench", "-p", "devices", "--bench", "blk_path", "--no-run",
-           "--message-format=json-render-diagnostics"]
-    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        sys.exit("cargo build of the blk_path bench failed")
-    exe = None
-    for line in p.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (msg.get("reason") == "compiler-artifact"
-                and msg.get("target", {}).get("name") == "blk_path" and msg.get("executable")):
-            exe = msg["executable"]
-    if not exe:
-        sys.exit("cargo did not report the blk_path executable")
-    return exe
 
 
 def ensure_fio():
@@ -318,7 +289,7 @@ def main():
             sys.exit("no built blk_path harness; run without --no-build")
         exe = str(cands[-1])
     else:
-        exe = build_harness()
+        exe = build_bench("blk_path")
     ensure_fio()
 
     tmpfs = TmpfsDir(size)

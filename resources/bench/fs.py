@@ -29,45 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import build_bench, loadavg, log  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
 FILE_NAME = "bench.dat"
 INSTALL_VIRTIOFSD = REPO / "resources/guest/install-virtiofsd.sh"
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def loadavg():
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 # ---- Setup -------------------------------------------------------------------------------
-
-def build_harness():
-    """Builds the bench binary (bench profile = release) and returns its path."""
-    log("building devices/benches/fs_path.rs (cargo bench --no-run) ...")
-    cmd = ["cargo", "bench", "-p", "devices", "--bench", "fs_path", "--no-run",
-           "--message-format=json-render-diagnostics"]
-    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        sys.exit("cargo build of the fs_path bench failed")
-    exe = None
-    for line in p.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (msg.get("reason") == "compiler-artifact"
-                and msg.get("target", {}).get("name") == "fs_path" and msg.get("executable")):
-            exe = msg["executable"]
-    if not exe:
-        sys.exit("cargo did not report the fs_path executable")
-    return exe
 
 
 def install_virtiofsd():
@@ -214,7 +185,7 @@ def main():
             sys.exit("no built fs_path harness: run without --no-build")
         exe = str(exes[-1])
     else:
-        exe = build_harness()
+        exe = build_bench("fs_path")
     virtiofsd, version = install_virtiofsd()
     load_start = loadavg()
 

@@ -19,13 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import build_bench, log  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 SIZES = [64, 1514, 9014]
 TAP_MTU = 9000
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
 
 
 def run(cmd, check=True):
@@ -33,30 +32,6 @@ def run(cmd, check=True):
     if check and p.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
     return p
-
-
-def build_harness():
-    """Builds the benches (release) and returns the net_path binary."""
-    log("cargo build --release --benches -p devices ...")
-    p = subprocess.run(
-        ["cargo", "build", "--release", "--benches", "-p", "devices",
-         "--message-format=json-render-diagnostics"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
-    if p.returncode:
-        sys.exit("cargo build of the devices benches failed")
-    exe = None
-    for line in p.stdout.splitlines():
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            continue
-        if (msg.get("reason") == "compiler-artifact"
-                and msg.get("target", {}).get("name") == "net_path"
-                and msg.get("executable")):
-            exe = msg["executable"]
-    if not exe:
-        sys.exit("cargo did not report the net_path executable")
-    return exe
 
 
 def link_stats(ns, tap):
@@ -77,7 +52,7 @@ def main():
     if os.geteuid() != 0:
         sys.exit("needs root (creates a network namespace and a tap)")
 
-    exe = args.no_build or build_harness()
+    exe = args.no_build or build_bench("net_path")
     ns = f"mvmm-nb-{os.getpid()}"
     tap = "mvmmnb0"
     sizes = [int(s) for s in args.sizes.split(",")]
