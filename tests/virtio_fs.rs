@@ -4,75 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::virtiofsd::Virtiofsd;
 use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn virtiofsd_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/resources/guest/install-virtiofsd.sh"
-        );
-        let out = Command::new("bash")
-            .arg(script)
-            .output()
-            .expect("run install-virtiofsd.sh");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8(out.stdout).unwrap();
-        let path = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("VIRTIOFSD="))
-            .expect("VIRTIOFSD=");
-        PathBuf::from(path)
-    })
-}
-
-/// A virtiofsd serving `dir` on `socket`; killed on drop.
-struct Virtiofsd(Child);
-
-impl Virtiofsd {
-    fn start(socket: &Path, dir: &Path) -> Self {
-        let child = Command::new(virtiofsd_bin())
-            .arg(format!("--socket-path={}", socket.display()))
-            .arg(format!("--shared-dir={}", dir.display()))
-            .args(["--sandbox=none", "--cache=never", "--log-level=error"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start virtiofsd");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "virtiofsd never created {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self(child)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

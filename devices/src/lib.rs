@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod bus;
 pub mod legacy;
+pub mod threads;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: run the real mvmm binary against the test guest.
 #![allow(dead_code)]
 
+pub mod virtiofsd;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

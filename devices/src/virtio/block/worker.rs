@@ -20,7 +20,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -29,6 +29,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ratelimit::LogLimiter;
 use super::request::RequestHandler;
+use crate::threads::{self, ThreadRole};
 use crate::virtio::VirtioInterrupt;
 
 const KICK: u64 = 0;
@@ -96,9 +97,9 @@ impl Worker {
         // The state goes over a channel once the thread exists: if spawning fails, the closure
         // is dropped but the handler (and its disk) stays with us.
         let (tx, rx) = mpsc::sync_channel::<State>(1);
-        let thread = thread::Builder::new()
-            .name(name)
-            .spawn(move || rx.recv().ok().map(State::run));
+        let thread = threads::spawn(ThreadRole::BlockWorker, name, move || {
+            rx.recv().ok().map(State::run)
+        });
         let thread = match thread {
             Ok(t) => t,
             Err(error) => {

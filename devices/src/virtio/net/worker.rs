@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -28,6 +28,7 @@ use super::rx::{RxPath, RxStop};
 use super::tap::Tap;
 use super::tx::{TxPath, TxStop};
 use super::{NetCounters, NetError, RX_QUEUE, TX_QUEUE};
+use crate::threads::{self, ThreadRole};
 use crate::virtio::VirtioInterrupt;
 
 const TOKEN_STOP: u64 = 0;
@@ -98,9 +99,7 @@ pub(crate) fn spawn(name: String, parts: WorkerParts) -> io::Result<WorkerHandle
         tx_kick: parts.tx_kick,
         tap: parts.tap,
     };
-    let thread = thread::Builder::new()
-        .name(name)
-        .spawn(move || worker.run())?;
+    let thread = threads::spawn(ThreadRole::NetWorker, name, move || worker.run())?;
     Ok(WorkerHandle {
         stop,
         thread: Some(thread),

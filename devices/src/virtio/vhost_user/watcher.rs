@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::active::Active;
 use super::connection::{is_absent, poll, pollfd, Connection};
 use super::Error;
+use crate::threads::{self, ThreadRole};
 
 /// How often to look for the socket of a backend that went away.
 pub(super) const RETRY_INTERVAL: Duration = Duration::from_millis(100);
@@ -60,9 +61,10 @@ impl Watcher {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
         let talking = ctx.talking.clone();
-        let thread = thread::Builder::new()
-            .name(format!("vhu-{}", ctx.label))
-            .spawn(move || run(&ctx, session, &stop_rx))?;
+        let name = format!("vhu-{}", ctx.label);
+        let thread = threads::spawn(ThreadRole::VhostUserWatcher, name, move || {
+            run(&ctx, session, &stop_rx)
+        })?;
         Ok(Watcher {
             stop,
             talking,
