@@ -114,9 +114,15 @@ fn triple_fault_exits_1_and_logs_rip() {
     );
 }
 
+/// With no grace period a stop signal ends the VM at once, without asking the guest (see
+/// tests/shutdown.rs for the graceful path).
 fn stop_with_signal(signal: libc::c_int) {
     let vm = VmDir::new();
-    let config = vm.write_config(&config_json(&testguest("pvh"), 2, 64, "test=hang"));
+    let json = serde_json::json!({
+        "kernel": {"path": testguest("pvh"), "cmdline": "test=hang"},
+        "machine": {"vcpus": 2, "memory_mib": 64, "shutdown_timeout_secs": 0},
+    });
+    let config = vm.write_config(&json.to_string());
     let child = spawn_mvmm(&["--config", config.to_str().unwrap()]);
     let pid = child.id() as libc::pid_t;
     // Give the guest time to get going, then stop it.
@@ -132,6 +138,20 @@ fn stop_with_signal(signal: libc::c_int) {
     );
     assert_eq!(out.code(), Some(0), "{}", out.dump());
     assert!(out.stdout.contains("testguest: hanging"), "{}", out.dump());
+    assert!(
+        out.stderr
+            .contains(&format!("stopped by {}", signal_name(signal))),
+        "{}",
+        out.dump()
+    );
+}
+
+fn signal_name(signal: libc::c_int) -> &'static str {
+    if signal == libc::SIGTERM {
+        "SIGTERM"
+    } else {
+        "SIGINT"
+    }
 }
 
 #[test]

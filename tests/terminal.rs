@@ -41,7 +41,12 @@ fn terminal_is_raw_while_running_and_restored_after_sigterm() {
     );
 
     let vm = VmDir::new();
-    let config = vm.write_config(&config_json(&testguest("pvh"), 1, 64, "test=hang"));
+    // No grace period: SIGTERM stops the hanging guest at once.
+    let json = serde_json::json!({
+        "kernel": {"path": testguest("pvh"), "cmdline": "test=hang"},
+        "machine": {"vcpus": 1, "memory_mib": 64, "shutdown_timeout_secs": 0},
+    });
+    let config = vm.write_config(&json.to_string());
     let child = Command::new(mvmm_bin())
         .args(["--config", config.to_str().unwrap()])
         .stdin(Stdio::from(slave.try_clone().unwrap()))

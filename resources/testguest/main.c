@@ -67,6 +67,7 @@ static const struct guest_test tests[] = {
 	{ "test=fs", test_fs },			/* fs.c */
 	{ "test=fs-wait", test_fs_wait },	/* fs.c */
 	{ "test=smbios", test_smbios },	/* smbios.c */
+	{ "test=shutdown-wait", test_shutdown_wait },	/* shutdown.c */
 	{ NULL, NULL },
 };
 

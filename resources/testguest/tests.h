@@ -9,5 +9,6 @@ void test_net(const struct bootinfo *bi);	/* net.c, "test=net" */
 void test_fs(const struct bootinfo *bi);	/* fs.c, "test=fs" */
 void test_fs_wait(const struct bootinfo *bi);	/* fs.c, "test=fs-wait" */
 void test_smbios(const struct bootinfo *bi);	/* smbios.c, "test=smbios" */
+void test_shutdown_wait(const struct bootinfo *bi);	/* shutdown.c, "test=shutdown-wait" */
 
 #endif

@@ -2,8 +2,8 @@
 //!
 //! The machine is described as "hardware-reduced" ACPI: there is no PM1 block, no SCI and no
 //! FACS. Poweroff goes through the FADT sleep control register (an I/O port the VMM traps), and
-//! devices Linux cannot discover on its own (virtio-mmio windows, the UART, the i8042) are
-//! listed in the DSDT. In hardware-reduced mode Linux does not set up the legacy PIC nor the
+//! devices Linux cannot discover on its own (virtio-mmio windows, the UART, the i8042, the
+//! power button and its Generic Event Device) are listed in the DSDT. In hardware-reduced mode Linux does not set up the legacy PIC nor the
 //! identity ISA IRQ mappings, so the DSDT entries are also what gets the UART's and keyboard's
 //! IRQs routed through the IOAPIC.
 
@@ -15,6 +15,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+use devices::legacy::{GED_EVENT_POWER_BUTTON, GED_REGISTER_LEN};
 
 use super::layout;
 use super::smbios::SMBIOS_START;
@@ -86,7 +88,6 @@ const IOAPIC_ADDR: u32 = layout::IOAPIC_START as u32;
 const COM1_PORT: u16 = 0x3f8;
 const I8042_DATA_PORT: u16 = 0x60;
 const I8042_COMMAND_PORT: u16 = 0x64;
-const I8042_KBD_IRQ: u32 = 1;
 
 /// SLP_TYP value the DSDT `_S5_` object hands to the OS; the VMM powers off when the guest
 /// writes it with SLP_EN to the sleep control register.
@@ -204,6 +205,7 @@ pub fn create_dsdt(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, AcpiError> {
     }
     let mut sb = Vec::new();
     append_legacy_devices(&mut sb);
+    append_power_button(&mut sb);
     for (index, dev) in devices.iter().enumerate() {
         append_virtio_device(&mut sb, index, dev)?;
     }
@@ -241,12 +243,48 @@ fn append_legacy_devices(sink: &mut Vec<u8>) {
     let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
     let data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
     let command = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
-    let irq = edge_high_exclusive(I8042_KBD_IRQ);
+    let irq = edge_high_exclusive(layout::I8042_KBD_IRQ);
     let crs = aml::Name::new(
         "_CRS".into(),
         &aml::ResourceTemplate::new(vec![&data, &command, &irq]),
     );
     aml::Device::new("KBD_".into(), vec![&hid, &crs]).to_aml_bytes(sink);
+}
+
+/// The power button (`PNP0C0C`) and the Generic Event Device (`ACPI0013`) that presses it.
+/// Reduced hardware has no fixed power button and no GPE blocks: the GED's interrupt makes
+/// Linux's evged driver run `_EVT`, which reads the VMM's event register (reading clears it)
+/// and notifies the button (0x80: "pressed"); the button driver reports KEY_POWER. The
+/// interrupt is the GED's only resource: evged rejects any other kind in its `_CRS`.
+fn append_power_button(sink: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("PWRB".into(), vec![&hid, &uid]).to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let port = usize::from(layout::GED_PORT);
+    let len = GED_REGISTER_LEN as usize;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let button = usize::from(GED_EVENT_POWER_BUTTON);
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let masked = aml::And::new(&aml::Local(1), &aml::Local(0), &button);
+    let pressed = aml::Equal::new(&aml::Local(1), &button);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify = aml::Notify::new(&pwrb, &0x80usize);
+    let on_press = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &masked, &on_press]);
+    aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &region, &field, &evt])
+        .to_aml_bytes(sink);
 }
 
 fn append_virtio_device(
@@ -579,6 +617,26 @@ mod tests {
         assert!(dsl.contains("Name (_S5, Package (0x04)"), "{dsl}");
         assert!(dsl.contains("Device (COM1)") && dsl.contains("EisaId (\"PNP0501\")"));
         assert!(dsl.contains("Device (KBD)") && dsl.contains("EisaId (\"PNP0303\")"));
+        // The power button, and the GED that presses it from the VMM's event register.
+        assert!(dsl.contains("Device (PWRB)") && dsl.contains("EisaId (\"PNP0C0C\")"));
+        let ged = &dsl[dsl.find("Device (GED)").expect(&dsl)..];
+        let ged = &ged[..ged.find("Device (VR00)").unwrap_or(ged.len())];
+        for line in [
+            "Name (_HID, \"ACPI0013\"",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+            &format!("0x{:08X},", layout::GED_IRQ),
+            &format!(
+                "OperationRegion (GDST, SystemIO, 0x{:04X}, One)",
+                layout::GED_PORT
+            ),
+            "Method (_EVT, 1, Serialized)",
+            "Local0 = GDAT",
+            "Local1 = (Local0 & One)",
+            "Notify (\\_SB.PWRB, 0x80)",
+        ] {
+            assert!(ged.contains(line), "GED lacks {line:?}:\n{ged}");
+        }
+        assert_eq!(GED_EVENT_POWER_BUTTON, 1, "the AML tests bit 0 (`One`)");
         for (i, d) in devs.iter().enumerate() {
             let start = dsl.find(&format!("Device (VR{i:02X})")).expect(&dsl);
             let body = &dsl[start..];
@@ -589,6 +647,41 @@ mod tests {
             assert!(body.contains(&format!("0x{:08X},", d.irq)), "{body}");
             assert!(body.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"));
         }
+    }
+
+    /// Runs the GED's `_EVT` in ACPICA's AML interpreter (acpiexec, from acpica-tools), with
+    /// the event register reading `register`; returns whether it notified the power button.
+    fn ged_evt_notifies_power_button(dsdt: &[u8], register: u8) -> bool {
+        let dir = std::env::temp_dir().join(format!("mvmm-acpiexec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let table = dir.join(format!("dsdt-{register}.aml"));
+        std::fs::write(&table, dsdt).unwrap();
+        // -fv fills simulated operation regions (our SystemIO register) with the value.
+        let output = Command::new("acpiexec")
+            .args(["-fv", &register.to_string(), "-b"])
+            .arg(format!("execute \\_SB.GED._EVT {}", layout::GED_IRQ))
+            .arg(&table)
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        let output = match output {
+            Ok(o) => o,
+            Err(e) => panic!("cannot run acpiexec ({e}): apt-get install acpica-tools"),
+        };
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Evaluating \\_SB.GED._EVT"), "{text}");
+        assert!(!text.contains("AE_"), "AML error: {text}");
+        text.contains("Notify on [PWRB]") && text.contains("Value 0x80")
+    }
+
+    #[test]
+    fn acpiexec_runs_the_ged_event_method() {
+        let dsdt = create_dsdt(&devices(1)).unwrap();
+        assert!(ged_evt_notifies_power_button(&dsdt, GED_EVENT_POWER_BUTTON));
+        assert!(!ged_evt_notifies_power_button(&dsdt, 0));
+        assert!(
+            !ged_evt_notifies_power_button(&dsdt, 0xfe),
+            "other bits are not the button"
+        );
     }
 
     #[test]

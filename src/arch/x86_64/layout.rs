@@ -51,10 +51,16 @@ pub const VIRTIO_MMIO_WINDOW_SIZE: u64 = 0x1000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 pub const LAPIC_START: u64 = 0xfee0_0000;
 
-/// IRQ lines: the UART is wired to IRQ 4; virtio devices take 5..=23 in order.
+/// IRQ lines: the i8042 keyboard is IRQ 1, the UART IRQ 4; virtio devices take 5..=23 in
+/// order.
+pub const I8042_KBD_IRQ: u32 = 1;
 pub const SERIAL_IRQ: u32 = 4;
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
 pub const VIRTIO_IRQ_LAST: u32 = 23;
 
 /// I/O port of the ACPI sleep control/status register pair (S5 = poweroff).
 pub const ACPI_SLEEP_PORT: u16 = 0x3c0;
+/// I/O port of the ACPI Generic Event Device's event register (bit 0: power button pressed;
+/// reading clears it), and the GED's interrupt line: COM2's ISA IRQ, unused here.
+pub const GED_PORT: u16 = 0x3c4;
+pub const GED_IRQ: u32 = 3;
