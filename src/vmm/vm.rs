@@ -1,5 +1,10 @@
 //! The KVM VM: in-kernel irqchip and PIT, guest memory slots, irqfds.
 
+use std::ffi::CString;
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -11,8 +16,15 @@ const TSS_ADDRESS: usize = 0xfffb_d000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("cannot open /dev/kvm: {0} (is KVM enabled, and may this user open /dev/kvm?)")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open {path}: {source} (is KVM enabled, and may this user open {path}? Or pass it as `\"kvm\": \"fd:N\"`)")]
+    OpenKvm {
+        path: String,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("config field `kvm`: {0} does not answer KVM_GET_API_VERSION; pass /dev/kvm")]
+    NotKvm(String),
     #[error("KVM API version {0} is not supported (need 12)")]
     ApiVersion(i32),
     #[error("this host's KVM allows at most {max} vCPUs per VM; machine.vcpus asks for {wanted}")]
@@ -22,6 +34,16 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+}
+
+impl VmError {
+    /// Whether the error is the user's to fix (a wrong `kvm` setting or too many vCPUs).
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            VmError::Config(_) | VmError::NotKvm(_) | VmError::TooManyVcpus { .. }
+        )
+    }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -34,10 +56,15 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates a VM with the interrupt controllers and timer every PC guest expects.
-    pub fn new(vcpus: u32) -> Result<Self, VmError> {
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        if kvm.get_api_version() != kvm_bindings::KVM_API_VERSION as i32 {
+    /// Creates a VM with the interrupt controllers and timer every PC guest expects, on the
+    /// KVM device at `kvm_path` (or the inherited descriptor it names as `fd:N`).
+    pub fn new(vcpus: u32, kvm_path: &Path) -> Result<Self, VmError> {
+        let kvm = open_kvm(kvm_path)?;
+        let version = kvm.get_api_version();
+        if version < 0 {
+            return Err(VmError::NotKvm(kvm_path.display().to_string()));
+        }
+        if version != kvm_bindings::KVM_API_VERSION as i32 {
             return Err(VmError::ApiVersion(kvm.get_api_version()));
         }
         let max = kvm.get_max_vcpus();
@@ -96,4 +123,21 @@ impl Vm {
             .register_irqfd(evt, gsi)
             .map_err(kvm_err("register an interrupt eventfd"))
     }
+}
+
+/// Opens the KVM device, or takes over the inherited descriptor `fd:N` (validated with the
+/// config: open, a read-write character device).
+fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    if let Some(fd) = crate::config::parse_fd("kvm", path)? {
+        // SAFETY: the config hands this inherited descriptor to mvmm and names it once
+        // (checked at validation), so the Kvm object may own and close it.
+        return Ok(unsafe { Kvm::from_raw_fd(fd) });
+    }
+    let open_err = |source| VmError::OpenKvm {
+        path: path.display().to_string(),
+        source,
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| open_err(kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(c_path).map_err(open_err)
 }
