@@ -19,6 +19,8 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need_pkgs+=(qemu-system-common)
 [[ -x /usr/sbin/e2fsck && -x /usr/sbin/debugfs ]] || need_pkgs+=(e2fsprogs)
+command -v nix-instantiate >/dev/null || need_pkgs+=(nix-bin)
+command -v systemd-analyze >/dev/null || need_pkgs+=(systemd)
 if ((${#need_pkgs[@]})); then
     log "installing ${need_pkgs[*]}"
     apt-get update -qq
