@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "A minimal, fast, sandboxed KVM virtual machine monitor for microVMs",
     after_help = "Exit codes: 0 = the guest shut down or rebooted (or a stop signal ended it), \
-                  1 = VMM or guest failure, 2 = bad command line or config.",
+                  1 = VMM or guest failure, or a forced stop, 2 = bad command line or config, \
+                  3 = a thread made a system call its seccomp filter forbids.",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -22,6 +23,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogLevel::Info, value_name = "LEVEL", global = true)]
     pub log_level: LogLevel,
 
+    /// Run without seccomp filters. For debugging only: logged loudly.
+    #[arg(long, global = true)]
+    pub no_seccomp: bool,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -31,6 +36,66 @@ pub enum Command {
     /// Serve one of mvmm's device models as a vhost-user backend, in its own process.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Talk to a running VM through its control socket (`api_socket` in its config).
+    Ctl(CtlArgs),
+    /// Run one VM of a state directory for systemd: taps, virtiofsd, mvmm as the VM's user.
+    Supervise(SuperviseArgs),
+    /// List the VMs of a state directory: the generation each runs and the one it would run.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Reads <state-dir>/<name>/current/vm.json. Exits with mvmm's exit code; \
+                        2 if the state directory or config is wrong (then nothing is started)."
+)]
+pub struct SuperviseArgs {
+    /// The VM: a directory under the state directory.
+    pub name: String,
+    /// Where the VMs live, one directory each (microvm.nix's layout).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/microvms")]
+    pub state_dir: PathBuf,
+    /// Run mvmm as this user (its primary group, no supplementary groups).
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+    /// The virtiofsd to start for shares with a `source` (default: virtiofsd in PATH).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
+    /// Where the host's journal looks for machine directories (for a `journal` share).
+    #[arg(long, value_name = "DIR", default_value = "/var/log/journal")]
+    pub journal_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Where the VMs live, one directory each.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/microvms")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Prints the VM's reply. Exit codes: 0 = done, 1 = the VM refused \
+                  (the reply says why), 2 = cannot reach the socket."
+)]
+pub struct CtlArgs {
+    /// The VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    #[arg(value_enum)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CtlCommand {
+    /// State, uptime, vCPUs and per-device counters.
+    Status,
+    /// Press the power button; the VM stops after the guest powers off or the grace period.
+    Shutdown,
+    /// Stop the vCPUs.
+    Pause,
+    /// Let paused vCPUs run again.
+    Resume,
 }
 
 #[derive(Debug, Subcommand)]

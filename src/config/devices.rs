@@ -60,6 +60,10 @@ pub struct ShareConfig {
     pub num_queues: Option<u16>,
     /// How long to wait for the socket to appear at start, in seconds (default 30).
     pub connect_timeout_secs: Option<u32>,
+    /// The host directory to export: `mvmm supervise` starts virtiofsd for it (mvmm ignores it).
+    pub source: Option<PathBuf>,
+    /// Options for that virtiofsd (supervisor only).
+    pub virtiofsd: Option<super::VirtiofsdOptions>,
 }
 
 /// virtio-fs tags are at most 36 bytes (the config space field).
@@ -181,6 +185,8 @@ pub fn validate_disks(disks: &[DiskConfig]) -> Result<(), ConfigError> {
             }
         };
         match std::fs::metadata(path) {
+            // An inherited descriptor: checked with the others (fd.rs).
+            _ if super::fd::is_fd_path(path) => {}
             Ok(meta) if meta.is_file() || is_block_device(&meta) => {}
             Ok(_) => {
                 return Err(ConfigError::invalid(
@@ -292,6 +298,8 @@ mod tests {
             queue_size: None,
             num_queues: None,
             connect_timeout_secs: None,
+            source: None,
+            virtiofsd: None,
         }
     }
 

@@ -5,7 +5,10 @@
 
 mod devices;
 mod error;
+mod fd;
+mod jail;
 mod validate;
+mod virtiofsd;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +18,9 @@ pub use devices::{
     DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
 };
 pub use error::ConfigError;
+pub use fd::{parse_fd, FD_PREFIX};
+pub use jail::JailConfig;
+pub use virtiofsd::VirtiofsdOptions;
 
 /// The whole VM description.
 #[derive(Debug, Clone, Deserialize)]
@@ -36,7 +42,16 @@ pub struct VmConfig {
     /// The guest's machine id (32 hex digits, as in /etc/machine-id), given to the guest as
     /// its SMBIOS system UUID.
     pub machine_id: Option<String>,
+    /// The KVM device: a path (default /dev/kvm) or `fd:N`, an inherited descriptor.
+    pub kvm: Option<PathBuf>,
+    /// The control socket (JSON lines: status, shutdown, pause, resume), if any.
+    pub api_socket: Option<PathBuf>,
+    /// Confinement mvmm applies to itself (chroot, namespaces, setuid, rlimits).
+    pub jail: Option<JailConfig>,
 }
+
+/// Where KVM is opened when the config does not say.
+pub const DEFAULT_KVM_PATH: &str = "/dev/kvm";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +74,18 @@ pub struct MachineConfig {
     /// Describe the machine with ACPI tables (otherwise an MP table).
     #[serde(default = "default_true")]
     pub acpi: bool,
+    /// How long the guest gets to shut down after the power button (SIGTERM or the control
+    /// socket's `shutdown`) before mvmm stops it; 0 stops it at once.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u32,
+}
+
+/// The default grace period: what systemd gives a service to stop, and enough for a guest's
+/// own systemd to stop its units.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_SECS: u32 = 30;
+
+fn default_shutdown_timeout() -> u32 {
+    DEFAULT_SHUTDOWN_TIMEOUT_SECS
 }
 
 fn default_true() -> bool {
@@ -106,16 +133,26 @@ impl VmConfig {
 
     fn resolve_paths(&mut self, base_dir: &Path) {
         let resolve = |p: &mut PathBuf| {
-            if p.is_relative() {
+            // `fd:N` names an inherited descriptor, not a file in the config's directory.
+            if p.is_relative() && !fd::is_fd_path(p) {
                 *p = base_dir.join(&*p);
             }
         };
         resolve(&mut self.kernel.path);
+        if let Some(p) = self.kvm.as_mut() {
+            resolve(p);
+        }
         if let Some(p) = self.kernel.initrd.as_mut() {
             resolve(p);
         }
         if let Some(p) = self.serial.path.as_mut() {
             resolve(p);
+        }
+        if let Some(p) = self.api_socket.as_mut() {
+            resolve(p);
+        }
+        if let Some(jail) = self.jail.as_mut() {
+            resolve(&mut jail.root);
         }
         for disk in &mut self.disks {
             disk.path
@@ -131,6 +168,27 @@ impl VmConfig {
     /// vhost-user backends map guest memory, which must then be shared.
     pub fn needs_shared_memory(&self) -> bool {
         !self.shares.is_empty() || self.disks.iter().any(|d| d.socket.is_some())
+    }
+
+    /// Directories holding sockets mvmm may connect to (or remove) after it is jailed.
+    pub fn socket_dirs(&self) -> Vec<PathBuf> {
+        let sockets = self
+            .shares
+            .iter()
+            .map(|s| &s.socket)
+            .chain(self.disks.iter().filter_map(|d| d.socket.as_ref()))
+            .chain(self.api_socket.as_ref());
+        let mut dirs: Vec<PathBuf> = sockets
+            .filter_map(|s| s.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    /// The KVM device to open, or `fd:N`.
+    pub fn kvm_path(&self) -> &Path {
+        self.kvm.as_deref().unwrap_or(Path::new(DEFAULT_KVM_PATH))
     }
 
     /// The command line the guest gets, before the VMM appends device parameters.

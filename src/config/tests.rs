@@ -184,3 +184,80 @@ fn mp_table_limits_vcpus_without_acpi() {
     assert!(msg.contains("MP table"), "{msg}");
     assert!(parse(&minimal(k.path(), r#"{"vcpus": 64, "memory_mib": 64}"#)).is_ok());
 }
+
+#[test]
+fn api_socket_and_shutdown_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("vmlinux"), b"x").unwrap();
+    let with = |extra: &str, machine: &str| {
+        let json = format!(
+            r#"{{"kernel": {{"path": "vmlinux"}}, "machine": {{"vcpus": 1, "memory_mib": 64{machine}}}{extra}}}"#
+        );
+        VmConfig::from_json(&json, dir.path())
+    };
+    let cfg = with("", "").unwrap();
+    assert_eq!(cfg.api_socket, None);
+    assert_eq!(
+        cfg.machine.shutdown_timeout_secs,
+        DEFAULT_SHUTDOWN_TIMEOUT_SECS
+    );
+
+    let cfg = with(
+        r#", "api_socket": "vm.sock""#,
+        r#", "shutdown_timeout_secs": 0"#,
+    )
+    .unwrap();
+    assert_eq!(cfg.api_socket.unwrap(), dir.path().join("vm.sock"));
+    assert_eq!(cfg.machine.shutdown_timeout_secs, 0);
+
+    let (field, msg) = invalid_field(with("", r#", "shutdown_timeout_secs": 3601"#));
+    assert_eq!(field, "machine.shutdown_timeout_secs");
+    assert!(msg.contains("0 (stop at once) to 3600"), "{msg}");
+    let (field, msg) = invalid_field(with(r#", "api_socket": "no/such/dir/vm.sock""#, ""));
+    assert_eq!(field, "api_socket");
+    assert!(msg.contains("does not exist"), "{msg}");
+    let long = format!(r#", "api_socket": "/tmp/{}""#, "s".repeat(110));
+    let (field, msg) = invalid_field(with(&long, ""));
+    assert_eq!(field, "api_socket");
+    assert!(msg.contains("1 to 107 bytes"), "{msg}");
+    let (field, msg) = invalid_field(with(r#", "api_socket": ".""#, ""));
+    assert_eq!(field, "api_socket");
+    assert!(msg.contains("is a directory"), "{msg}");
+}
+
+#[test]
+fn jail_parses_with_defaults_and_lists_socket_dirs() {
+    let k = kernel_file();
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}},
+            "shares": [{{"tag": "a", "socket": "/run/vm/a.sock"}},
+                       {{"tag": "b", "socket": "/run/vm/b.sock"}}],
+            "api_socket": "/tmp/vm.sock",
+            "jail": {{"root": "jail", "uid": 7, "rlimits": {{"nofile": 64}}}}}}"#,
+        k.path().display()
+    );
+    let cfg = parse(&json).unwrap();
+    let jail = cfg.jail.as_ref().unwrap();
+    assert_eq!(jail.root, Path::new("/jail"));
+    assert_eq!((jail.uid, jail.gid), (Some(7), None));
+    assert!(jail.namespaces);
+    assert_eq!(jail.rlimits.nofile, Some(64));
+    assert_eq!(jail.rlimits.fsize, None);
+    assert_eq!(
+        cfg.socket_dirs(),
+        vec![PathBuf::from("/run/vm"), PathBuf::from("/tmp")]
+    );
+}
+
+#[test]
+fn jail_unknown_field_names_its_path() {
+    let k = kernel_file();
+    let json = format!(
+        r#"{{"kernel": {{"path": "{}"}}, "machine": {{"vcpus": 1, "memory_mib": 64}},
+            "jail": {{"root": "/j", "rlimits": {{"nfile": 1}}}}}}"#,
+        k.path().display()
+    );
+    let err = parse(&json).unwrap_err().to_string();
+    assert!(err.contains("jail.rlimits"), "{err}");
+    assert!(err.contains("nofile"), "{err}");
+}

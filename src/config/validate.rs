@@ -44,11 +44,53 @@ pub fn validate(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigError>
     }
     validate_cmdline(config.cmdline())?;
     validate_serial(config)?;
+    super::fd::validate_fds(config)?;
     validate_machine_id(config)?;
+    validate_api_socket(config)?;
     super::devices::validate_disks(&config.disks)?;
     super::devices::validate_net(&config.net)?;
     super::devices::validate_shares(&config.shares)?;
     super::devices::validate_device_count(config.disks.len(), config.net.len(), config.shares.len())
+}
+
+/// Longest path a Unix socket address holds (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// An hour: far beyond any guest's shutdown, small enough to catch a unit mix-up (ms for s).
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: u32 = 3600;
+
+fn validate_api_socket(config: &VmConfig) -> Result<(), ConfigError> {
+    let Some(path) = &config.api_socket else {
+        return Ok(());
+    };
+    let len = path.as_os_str().len();
+    if len == 0 || len > MAX_SOCKET_PATH {
+        return Err(ConfigError::invalid(
+            "api_socket",
+            format!(
+                "{:?} is {len} bytes; a socket path must be 1 to {MAX_SOCKET_PATH} bytes, use a shorter one",
+                path.display().to_string()
+            ),
+        ));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        if !dir.is_dir() {
+            return Err(ConfigError::invalid(
+                "api_socket",
+                format!(
+                    "the directory {} does not exist; create it or choose another path",
+                    dir.display()
+                ),
+            ));
+        }
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(ConfigError::invalid(
+            "api_socket",
+            format!("{} is a directory; name a socket file", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_machine_id(config: &VmConfig) -> Result<(), ConfigError> {
@@ -78,6 +120,15 @@ fn validate_machine(config: &VmConfig, host: &HostLimits) -> Result<(), ConfigEr
             format!(
                 "{} vCPUs do not fit in an MP table (at most {mptable_max}); enable machine.acpi or use fewer",
                 machine.vcpus
+            ),
+        ));
+    }
+    if machine.shutdown_timeout_secs > MAX_SHUTDOWN_TIMEOUT_SECS {
+        return Err(ConfigError::invalid(
+            "machine.shutdown_timeout_secs",
+            format!(
+                "{} s is out of range; use 0 (stop at once) to {MAX_SHUTDOWN_TIMEOUT_SECS}",
+                machine.shutdown_timeout_secs
             ),
         ));
     }

@@ -5,16 +5,18 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{AcpiSleepControl, I8042Device, SerialDevice};
+use devices::legacy::{AcpiSleepControl, GedDevice, I8042Device, SerialDevice, GED_REGISTER_LEN};
 use devices::Bus;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::event_loop::PowerButton;
 use super::memory::{self, MemoryError};
 use super::mmio_devices::{self, MmioDevices, MmioDevicesError};
 use super::vcpu::{Vcpu, VcpuError};
 use super::virtio_devices::{self, VirtioDeviceError};
 use super::vm::{Vm, VmError};
+use crate::api::{DeviceReport, DeviceSource};
 use crate::arch::boot_info::{self, BootInfo, BootInfoError};
 use crate::arch::regs::BootEntry;
 use crate::arch::{acpi, layout, mptable, smbios};
@@ -69,7 +71,7 @@ impl BuildError {
             | BuildError::SerialOutput { .. }
             | BuildError::CmdlineTooLong(_) => crate::EXIT_USAGE,
             BuildError::VirtioDevice(e) if e.is_user_error() => crate::EXIT_USAGE,
-            BuildError::Vm(VmError::TooManyVcpus { .. }) => crate::EXIT_USAGE,
+            BuildError::Vm(e) if e.is_user_error() => crate::EXIT_USAGE,
             _ => crate::EXIT_FAILURE,
         }
     }
@@ -90,6 +92,10 @@ pub struct BuiltVm {
     pub vcpus: Vec<Vcpu>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub exit_events: ExitEvents,
+    /// How a shutdown request reaches the guest.
+    pub power_button: PowerButton,
+    /// The virtio devices, for the control socket's status.
+    pub devices: Vec<DeviceReport>,
 }
 
 fn eventfd() -> Result<EventFd, BuildError> {
@@ -102,7 +108,7 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
 
     // Memory and the VM.
     let mem = memory::create_guest_memory(machine.memory_mib, config.needs_shared_memory())?;
-    let vm = Vm::new(machine.vcpus)?;
+    let vm = Vm::new(machine.vcpus, config.kvm_path())?;
     vm.register_memory(&mem)?;
 
     // Devices.
@@ -111,18 +117,30 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         poweroff: eventfd()?,
     };
     let serial = create_serial(&vm, &config.serial)?;
-    let pio_bus = legacy_port_bus(&serial, &exit_events)?;
+    let (pio_bus, power_button) = legacy_port_bus(&vm, machine.acpi, &serial, &exit_events)?;
     let mut virtio = MmioDevices::default();
+    let mut devices = Vec::new();
+    let report = |id: String, source| DeviceReport { id, source };
     for (index, disk) in config.disks.iter().enumerate() {
-        virtio.add(&vm, &mem, virtio_devices::create_disk(index, disk)?)?;
+        let (disk, counters) = virtio_devices::create_disk_with_counters(index, disk)?;
+        virtio.add(&vm, &mem, disk)?;
+        let source = counters.map_or(DeviceSource::VhostUserBlock, DeviceSource::Block);
+        devices.push(report(format!("disks[{index}]"), source));
     }
     for (index, net) in config.net.iter().enumerate() {
         let net = virtio_devices::create_net(index, net)?;
+        let source = DeviceSource::Net(net.counters());
         virtio.add(&vm, &mem, Arc::new(Mutex::new(net)))?;
+        devices.push(report(format!("net[{index}]"), source));
     }
     for (index, share) in config.shares.iter().enumerate() {
-        let share = virtio_devices::create_share(index, share)?;
-        virtio.add(&vm, &mem, Arc::new(Mutex::new(share)))?;
+        let tag = share.tag.clone();
+        let device = Arc::new(Mutex::new(virtio_devices::create_share(index, share)?));
+        virtio.add(&vm, &mem, device.clone())?;
+        devices.push(report(
+            format!("shares[{index}]"),
+            DeviceSource::Fs { tag, device },
+        ));
     }
     let slots = virtio.slots().to_vec();
     let mmio_bus = virtio.into_bus();
@@ -193,6 +211,8 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
         vcpus,
         serial,
         exit_events,
+        power_button,
+        devices,
     })
 }
 
@@ -200,19 +220,27 @@ pub fn build(config: &VmConfig) -> Result<BuiltVm, BuildError> {
 fn create_serial(vm: &Vm, config: &SerialConfig) -> Result<Arc<Mutex<SerialDevice>>, BuildError> {
     let out: Box<dyn Write + Send> = match (config.mode, &config.path) {
         (SerialMode::Stdout, _) => stdout_unbuffered(),
-        (SerialMode::File, Some(path)) => {
-            Box::new(
-                File::create(path).map_err(|source| BuildError::SerialOutput {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
-        }
+        (SerialMode::File, Some(path)) => Box::new(open_serial_output(path)?),
         _ => Box::new(std::io::sink()),
     };
     let irq = eventfd()?;
     vm.register_irqfd(&irq, layout::SERIAL_IRQ)?;
     Ok(Arc::new(Mutex::new(SerialDevice::new(irq, out))))
+}
+
+/// The console output file, created or truncated, or the inherited descriptor `fd:N`.
+fn open_serial_output(path: &std::path::Path) -> Result<File, BuildError> {
+    let err = |source| BuildError::SerialOutput {
+        path: path.to_owned(),
+        source,
+    };
+    // Validation refused malformed `fd:` paths.
+    match crate::config::parse_fd("serial.path", path).ok().flatten() {
+        // SAFETY: validation checked the descriptor is open for writing and named once in the
+        // config, which hands it to mvmm: the File may own it.
+        Some(fd) => Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
+        None => File::create(path).map_err(err),
+    }
 }
 
 /// Guest console bytes go straight to fd 1, unbuffered, so nothing is lost at exit.
@@ -227,19 +255,29 @@ fn stdout_unbuffered() -> Box<dyn Write + Send> {
     }
 }
 
-/// The port I/O bus: UART, i8042, ACPI sleep register.
+/// The port I/O bus: UART, i8042, ACPI sleep register, and with ACPI the GED's register.
+/// Returns the bus and the power button: the GED with ACPI, else the i8042's Ctrl-Alt-Del.
 fn legacy_port_bus(
+    vm: &Vm,
+    acpi: bool,
     serial: &Arc<Mutex<SerialDevice>>,
     exit_events: &ExitEvents,
-) -> Result<Bus, BuildError> {
+) -> Result<(Bus, PowerButton), BuildError> {
     let mut bus = Bus::new();
     bus.insert(serial.clone(), SERIAL_PORT_BASE, SERIAL_PORT_LEN)?;
     let reset = exit_events.reset.try_clone().map_err(BuildError::EventFd)?;
-    bus.insert(
-        Arc::new(Mutex::new(I8042Device::new(reset))),
-        I8042_PORT_BASE,
-        I8042_PORT_LEN,
-    )?;
+    let kbd_irq = eventfd()?;
+    vm.register_irqfd(&kbd_irq, layout::I8042_KBD_IRQ)?;
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(reset).with_interrupt(kbd_irq)));
+    bus.insert(i8042.clone(), I8042_PORT_BASE, I8042_PORT_LEN)?;
+    let mut power_button = PowerButton::CtrlAltDel(i8042);
+    if acpi {
+        let ged_irq = eventfd()?;
+        vm.register_irqfd(&ged_irq, layout::GED_IRQ)?;
+        let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
+        bus.insert(ged.clone(), u64::from(layout::GED_PORT), GED_REGISTER_LEN)?;
+        power_button = PowerButton::Acpi(ged);
+    }
     let poweroff = exit_events
         .poweroff
         .try_clone()
@@ -249,5 +287,5 @@ fn legacy_port_bus(
         u64::from(layout::ACPI_SLEEP_PORT),
         1,
     )?;
-    Ok(bus)
+    Ok((bus, power_button))
 }

@@ -73,9 +73,10 @@ fn create_memfd(size: u64) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Bytes of guest RAM the host has actually populated (resident), from /proc/self/smaps.
-/// Used to report the VMM's own memory overhead: peak RSS minus this.
-pub fn resident_guest_bytes(mem: &GuestMemoryMmap) -> Option<u64> {
+/// Bytes of guest RAM the host has actually populated (resident), from `smaps`: this
+/// process's /proc/self/smaps, opened early (the main thread's seccomp filter has no `open`,
+/// and a jail has no /proc). Used to report the VMM's own memory overhead: peak RSS minus this.
+pub fn resident_guest_bytes(mem: &GuestMemoryMmap, smaps: File) -> Option<u64> {
     use std::io::{BufRead, BufReader};
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -85,7 +86,7 @@ pub fn resident_guest_bytes(mem: &GuestMemoryMmap) -> Option<u64> {
         .map(|p| p as u64)
         .collect();
     // Stream the file: collecting it would itself add to the RSS being measured.
-    let smaps = BufReader::new(std::fs::File::open("/proc/self/smaps").ok()?);
+    let smaps = BufReader::new(smaps);
     let mut in_guest_mapping = false;
     let mut total_kib = 0;
     for line in smaps.lines() {

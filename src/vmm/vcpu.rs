@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pause::VcpuPause;
 use super::vm::Vm;
 use crate::arch::{cpuid, regs};
 
@@ -48,11 +49,13 @@ pub enum VcpuStop {
     Error(String),
 }
 
-/// Where vCPU threads report their end: a channel, plus an eventfd that wakes the event loop.
+/// Where vCPU threads report their end: a channel, plus an eventfd that wakes the event loop;
+/// and the pause control they obey.
 #[derive(Clone)]
 pub struct VcpuStopNotifier {
     pub sender: Sender<(u8, VcpuStop)>,
     pub wakeup: Arc<EventFd>,
+    pub pause: Arc<VcpuPause>,
 }
 
 pub struct Vcpu {
@@ -109,7 +112,11 @@ impl Vcpu {
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 let mut vcpu = self;
-                let stop = vcpu.run();
+                // Before the first KVM_RUN: from then on the guest drives this thread.
+                let stop = match crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                    Ok(()) => vcpu.run(&notifier.pause),
+                    Err(e) => VcpuStop::Error(e.to_string()),
+                };
                 // The receiver lives as long as the event loop; if it is gone we are exiting.
                 let _ = notifier.sender.send((vcpu.index, stop));
                 let _ = notifier.wakeup.write(1);
@@ -117,8 +124,18 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { index, source })
     }
 
-    fn run(&mut self) -> VcpuStop {
+    fn run(&mut self, pause: &VcpuPause) -> VcpuStop {
+        let index = usize::from(self.index);
+        pause.enter(index, self.fd.get_kvm_run());
+        let stop = self.run_loop(pause);
+        pause.exit(index);
+        stop
+    }
+
+    fn run_loop(&mut self, pause: &VcpuPause) -> VcpuStop {
+        let index = usize::from(self.index);
         loop {
+            pause.park_if_requested(index);
             let stop = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.pio.read(u64::from(port), data);
@@ -151,7 +168,13 @@ impl Vcpu {
                 },
                 Ok(VcpuExit::FailEntry(reason, _)) => VcpuStop::FailEntry { reason, rip: 0 },
                 Ok(other) => VcpuStop::Error(format!("unhandled exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick (pause) set immediate_exit; clear it before the pause check so a
+                    // kick that lands after the check still stops the next entry.
+                    self.fd.set_kvm_immediate_exit(0);
+                    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+                    continue;
+                }
                 Err(e) => VcpuStop::Error(format!("KVM_RUN failed: {e}")),
             };
             return self.with_rip(stop);

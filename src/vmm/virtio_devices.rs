@@ -91,24 +91,59 @@ pub fn create_disk(
     Ok(Arc::new(Mutex::new(create_block(index, path, disk)?)))
 }
 
+/// A disk's device, and its request counters when mvmm serves it itself.
+pub type DiskWithCounters = (
+    Arc<Mutex<dyn VirtioDevice>>,
+    Option<Arc<devices::virtio::block::BlockCounters>>,
+);
+
+/// Like [`create_disk`], with the disk's request counters when mvmm serves it itself (a
+/// vhost-user backend keeps its own), for the control socket's status.
+pub fn create_disk_with_counters(
+    index: usize,
+    disk: &DiskConfig,
+) -> Result<DiskWithCounters, VirtioDeviceError> {
+    match (&disk.path, &disk.socket) {
+        (Some(path), None) => {
+            let block = create_block(index, path, disk)?;
+            let counters = block.counters();
+            Ok((Arc::new(Mutex::new(block)), Some(counters)))
+        }
+        _ => Ok((create_disk(index, disk)?, None)),
+    }
+}
+
 /// Opens disk `index` as the config describes and builds its virtio-blk device.
 fn create_block(
     index: usize,
     path: &std::path::Path,
     disk: &DiskConfig,
 ) -> Result<Block, VirtioDeviceError> {
-    let mut options = OpenOptions::new();
-    options.read(true).write(!disk.read_only);
-    if disk.direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    let file = options
-        .open(path)
-        .map_err(|source| VirtioDeviceError::OpenDisk {
-            index,
-            path: path.display().to_string(),
-            source,
-        })?;
+    let open_err = |source| VirtioDeviceError::OpenDisk {
+        index,
+        path: path.display().to_string(),
+        source,
+    };
+    // Validation refused malformed `fd:` paths.
+    let file = match crate::config::parse_fd("disks[].path", path).ok().flatten() {
+        Some(fd) => {
+            // SAFETY: validation checked the descriptor is an open disk image with the access
+            // mode `read_only` needs, named once in the config, which hands it to mvmm.
+            let file = unsafe { std::fs::File::from_raw_fd(fd) };
+            if disk.direct {
+                set_direct(&file).map_err(open_err)?;
+            }
+            file
+        }
+        None => {
+            let mut options = OpenOptions::new();
+            options.read(true).write(!disk.read_only);
+            if disk.direct {
+                options.custom_flags(libc::O_DIRECT);
+            }
+            options.open(path).map_err(open_err)?
+        }
+    };
     Block::new(BlockConfig {
         file,
         read_only: disk.read_only,
@@ -117,6 +152,20 @@ fn create_block(
         queue_size: disk.queue_size.unwrap_or(MAX_QUEUE_SIZE),
     })
     .map_err(|source| VirtioDeviceError::Block { index, source })
+}
+
+/// Turns on O_DIRECT for an inherited disk descriptor opened without it.
+fn set_direct(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; results are checked.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above; O_DIRECT is one of the flags F_SETFL may change on Linux.
+    if flags < 0
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Opens interface `index`'s tap (by name, or the inherited fd) and builds its virtio-net device.
