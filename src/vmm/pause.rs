@@ -246,6 +246,15 @@ mod tests {
         pause.pause(Duration::from_secs(5)).unwrap();
         pause.resume();
         assert!(!pause.is_paused());
+        // Woken vCPUs make progress again (how soon depends on the scheduler).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while (0..2).any(|i| counters[i].load(Ordering::SeqCst) <= later[i]) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no progress after resume"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         pause.pause(Duration::from_secs(5)).unwrap();
         let after: Vec<u64> = counters.iter().map(|c| c.load(Ordering::SeqCst)).collect();
         assert!(
