@@ -56,12 +56,14 @@ enum SetupError {
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot set up stop-signal handling: {0}")]
     Signals(io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 impl SetupError {
     fn exit_code(&self) -> i32 {
         match self {
-            SetupError::Signals(_) => EXIT_FAILURE,
+            SetupError::Signals(_) | SetupError::Seccomp(_) => EXIT_FAILURE,
             _ => EXIT_USAGE,
         }
     }
@@ -203,16 +205,23 @@ fn serve<D: Device>(
         D::KIND,
         path.display()
     );
+    let policy = backend_policy(D::KIND);
     let thread = thread::Builder::new()
         .name("backend".to_string())
         .spawn(move || {
-            // seccomp: install the backend filter here (this thread and the vhost-user
-            // daemon's threads it creates; see `devices::backend`).
+            // Filtered before the first frontend connects; the vhost-user daemon's threads
+            // inherit the filter (see `devices::backend` for their calls).
+            if let Err(e) = crate::seccomp::install(policy) {
+                log::error!("{e}");
+                return EXIT_FAILURE;
+            }
             let code = serve_frontends(server, persistent, &path);
             let _ = done_writer.write(1);
             code
         })
         .map_err(SetupError::Signals)?;
+    // This thread only waits for a signal from here on; it gets the same filter.
+    crate::seccomp::install(policy)?;
     let code = match wait_for_stop(&mut signals, &done) {
         Ok(Some(signal)) => {
             log::info!("{signal}: stopping the backend");
@@ -248,6 +257,13 @@ fn serve_frontends<D: Device>(mut server: Server<D>, persistent: bool, socket: &
                 return EXIT_FAILURE;
             }
         }
+    }
+}
+
+fn backend_policy(kind: &str) -> crate::seccomp::ThreadKind {
+    match kind {
+        "net" => crate::seccomp::ThreadKind::BackendNet,
+        _ => crate::seccomp::ThreadKind::BackendBlk,
     }
 }
 

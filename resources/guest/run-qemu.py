@@ -142,6 +142,7 @@ def build_cmd(args, kernel, initrd):
             "-device", f"{vub_dev},chardev=vub{i},num-queues={args.blk_queues}",
         ]
     nic = 0
+    net_opts = f",{args.net_opts}" if args.net_opts else ""
 
     def mac_opt():
         if nic < len(args.mac):
@@ -151,7 +152,7 @@ def build_cmd(args, kernel, initrd):
     for sock in args.vhost_user_net:
         wait_socket(sock, args.socket_wait)
         q = args.net_queues
-        dev = f"{net_dev},netdev=net{nic}{mac_opt()}"
+        dev = f"{net_dev},netdev=net{nic}{mac_opt()}{net_opts}"
         if q > 1:
             dev += ",mq=on" + (f",vectors={2 * q + 2}" if args.machine == "q35" else "")
         cmd += [
@@ -163,7 +164,7 @@ def build_cmd(args, kernel, initrd):
     for tap in args.tap:
         cmd += [
             "-netdev", f"tap,id=net{nic},ifname={tap},script=no,downscript=no,vhost=off",
-            "-device", f"{net_dev},netdev=net{nic}{mac_opt()}",
+            "-device", f"{net_dev},netdev=net{nic}{mac_opt()}{net_opts}",
         ]
         nic += 1
 
@@ -216,6 +217,9 @@ def main():
                     help="plain QEMU tap netdev on an existing tap device")
     ap.add_argument("--netns", metavar="NS",
                     help="run QEMU inside this network namespace (where the --tap devices are)")
+    ap.add_argument("--net-opts", metavar="PROPS",
+                    help="extra properties for every virtio-net device, e.g. "
+                         "csum=off,guest_csum=off,mrg_rxbuf=off")
     ap.add_argument("--mac", action="append", default=[],
                     help="MAC of the n-th NIC (vhost-user-net NICs first, then taps)")
     ap.add_argument("--drive", action="append", default=[], metavar="IMG[,ro]",

@@ -1,6 +1,7 @@
 //! Shared helpers for the integration tests: run the real mvmm binary against the test guest.
 #![allow(dead_code)]
 
+pub mod linux_guest;
 pub mod virtiofsd;
 
 use std::io::Read;

@@ -10,19 +10,29 @@
 //! fresh daemon and fresh per-connection state (features, memory, rings); the device itself
 //! survives from one frontend to the next.
 //!
+//! Two things make the crate fit the frontends that exist: net's frontends reach the daemon
+//! through a [`relay`] (QEMU enables net rings before it sets the features, which the crate
+//! refuses), and every ring is a [`Vring`], which signals the driver when it starts (a killed
+//! backend may have left completions it never announced).
+//!
 //! # Threads and system calls (for the per-thread seccomp filters)
 //!
 //! A backend process runs these threads:
 //! - the caller's thread, which runs [`Server::serve_one`]: `accept4` on the listening
 //!   socket, and creating a daemon per frontend (`eventfd2`, `epoll_create1`, `epoll_ctl`,
 //!   `clone3`/`clone`, `mmap`/`mprotect`/`munmap` for thread stacks, `set_robust_list`,
-//!   `rseq`, `sigaltstack`, `futex` to join the daemon's threads, `close`). Seccomp filters
-//!   are inherited by threads created afterwards, so the filter this thread installs before
-//!   its first `serve_one` also covers the two threads below and must allow their calls too;
+//!   `rseq`, `sigaltstack`, `futex` to join the daemon's threads, `close`); for net only
+//!   (`Device::RELAY`), the private link to the daemon (`mkdir`, `socket` (AF_UNIX),
+//!   `bind`, `listen`, `connect`, `unlink`, `rmdir` in the temporary directory) and the
+//!   relay itself (`poll`, `recvmsg`/`sendmsg` and `write` on both connections,
+//!   `shutdown`). Seccomp filters are inherited by threads created afterwards, so the filter
+//!   this thread installs before its first `serve_one` also covers the two threads below
+//!   and must allow their calls too;
 //! - the daemon's protocol thread (`vhost-<kind>`, created by the crate): `recvmsg`/`sendmsg`
 //!   on the connection, `mmap`/`munmap` of the frontend's memory regions (`MAP_SHARED` from
 //!   the received memfds), `fstat`, `close` of received descriptors, `epoll_ctl` and `write`
-//!   (eventfd) to start and stop rings, `shutdown`, `futex`, `madvise`, `exit`;
+//!   (eventfd) to start and stop rings and to signal a ring that starts, `shutdown`, `futex`,
+//!   `madvise`, `exit`;
 //! - the vring worker (`vring_worker`, created by the crate): `epoll_wait`, `read` of kick
 //!   eventfds, `write` of call eventfds, plus the device's own I/O, listed in [`blk`] and
 //!   [`net`]. Each backend's `handle_event` marks the one place where this thread narrows its
@@ -36,17 +46,19 @@
 
 pub mod blk;
 pub mod net;
+mod relay;
+mod vring;
 
 #[cfg(test)]
 mod tests;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringMutex};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -54,6 +66,8 @@ use vmm_sys_util::event::{
 
 pub use blk::{BlkBackend, BlkConfig, BlkDevice};
 pub use net::{NetBackend, NetDevice};
+pub use relay::RelayError;
+pub use vring::Vring;
 
 /// The largest queue a backend accepts. QEMU's virtio-mmio transport reports 1024 to the
 /// guest whatever the device's queue size, and Linux then asks for 1024 entries, so a smaller
@@ -64,7 +78,7 @@ pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Guest memory as the daemon maps it, swapped when the frontend sends a new table.
 pub type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 /// The daemon's view of one queue.
-pub type BackendVring = VringMutex<BackendMemory>;
+pub type BackendVring = Vring<BackendMemory>;
 /// A backend as the daemon holds it.
 pub type Shared<B> = Arc<Mutex<B>>;
 /// The daemon serving one frontend.
@@ -89,6 +103,8 @@ pub enum BackendError {
     Accept(vhost_user_backend::Error),
     #[error("the vhost-user connection failed: {0}")]
     Connection(vhost_user_backend::Error),
+    #[error(transparent)]
+    Relay(#[from] RelayError),
     #[error(
         "the device is still held by a finished connection (a backend thread did not stop); \
          restart the backend"
@@ -99,7 +115,11 @@ pub enum BackendError {
 impl BackendError {
     /// Whether only the connection failed: a persistent backend can serve the next frontend.
     pub fn is_connection_error(&self) -> bool {
-        matches!(self, BackendError::Connection(_))
+        match self {
+            BackendError::Connection(_) => true,
+            BackendError::Relay(e) => e.is_connection_error(),
+            _ => false,
+        }
     }
 }
 
@@ -110,6 +130,11 @@ pub trait Device: Send + Sized + 'static {
 
     /// Short name (`blk`, `net`) for thread names and log lines.
     const KIND: &'static str;
+
+    /// Whether the frontend's messages pass through the [`relay`] (for frontends that send
+    /// them in an order the crate refuses). Only where needed: the relay's private socket
+    /// costs the sandbox a few system calls.
+    const RELAY: bool = false;
 
     /// The state serving one frontend, with the daemon's exit event.
     fn into_backend(self, exit: ExitEvent) -> Self::Backend;
@@ -227,18 +252,45 @@ impl<D: Device> Server<D> {
         let mut daemon =
             VhostUserDaemon::new(name, backend.clone(), mem).map_err(BackendError::Daemon)?;
         D::attach(&daemon, backend).map_err(BackendError::Setup)?;
-        daemon
-            .start(&mut self.listener)
-            .map_err(BackendError::Accept)?;
+        let relayed = if D::RELAY {
+            let frontend = self.accept()?;
+            let (link, relay_end) = relay::daemon_link()?;
+            daemon
+                .start(&mut Listener::from(link))
+                .map_err(BackendError::Daemon)?;
+            relay::run(frontend, relay_end)
+        } else {
+            daemon
+                .start(&mut self.listener)
+                .map_err(BackendError::Accept)?;
+            Ok(())
+        };
         let result = daemon.wait();
         // Dropping the daemon signals the exit event and joins the vring worker.
         drop(daemon);
+        // A daemon error wins: it explains the relay failure it caused (a closed connection).
         match result {
-            Ok(()) => Ok(()),
-            Err(vhost_user_backend::Error::HandleRequest(
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => Ok(()),
+            )) => relayed.map_err(BackendError::Relay),
             Err(e) => Err(BackendError::Connection(e)),
+        }
+    }
+
+    /// Waits for the next frontend.
+    fn accept(&mut self) -> Result<UnixStream, BackendError> {
+        loop {
+            match self.listener.accept() {
+                Ok(Some(stream)) => return Ok(stream),
+                // The frontend gave up before we accepted it.
+                Ok(None) => continue,
+                Err(e) => {
+                    return Err(BackendError::Accept(
+                        vhost_user_backend::Error::CreateBackendListener(e),
+                    ))
+                }
+            }
         }
     }
 

@@ -7,12 +7,11 @@
 //! receive-queue kick. Output interest is only set while the tap refuses frames. So the worker
 //! sleeps whenever it cannot make progress, like the in-VMM device's worker.
 //!
-//! Known frontend limitation: QEMU (7.2)'s `-netdev vhost-user` sends SET_VRING_ENABLE while
-//! it realizes the NIC, before SET_FEATURES, and the vhost crate (0.18) answers that with a
-//! protocol error and closes the connection; without VHOST_USER_F_PROTOCOL_FEATURES QEMU
-//! refuses to start the rings instead. So QEMU cannot drive this backend (nor any other built
-//! on vhost-user-backend) until the crate accepts the early message. mvmm's own frontend and
-//! Cloud Hypervisor negotiate features first. QEMU's vhost-user-blk is not affected.
+//! QEMU (7.2)'s `-netdev vhost-user` sends SET_VRING_ENABLE while it realizes the NIC, before
+//! SET_FEATURES, which the vhost crate (0.18) refuses (closing the connection), and without
+//! VHOST_USER_F_PROTOCOL_FEATURES QEMU refuses to start the rings instead. So this device's
+//! frontends go through the [`relay`](super::relay), which applies the early enable after
+//! SET_FEATURES.
 //!
 //! System calls of the vring worker thread (for its seccomp filter), besides the daemon's own
 //! (`epoll_wait`, `read` of kick eventfds): `readv`/`writev` on the tap, `epoll_ctl` on the
@@ -106,6 +105,8 @@ impl NetDevice {
 impl Device for NetDevice {
     type Backend = NetBackend;
     const KIND: &'static str = KIND;
+    // QEMU enables the rings before it sets the features.
+    const RELAY: bool = true;
 
     fn into_backend(self, exit: ExitEvent) -> NetBackend {
         // A new driver starts without offloads, like a freshly opened tap.
@@ -425,7 +426,15 @@ impl VhostUserBackendMut for NetBackend {
             features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             self.device.counters.clone(),
         ));
-        if let Err(e) = self.device.tap.set_offload(tap_offloads(features)) {
+        let offloads = tap_offloads(features);
+        // What was negotiated, once per driver: the offloads follow from it.
+        log::info!(
+            "vhost-user-net {}: offered features {:#x}, the driver accepted {features:#x}; \
+             tap offloads {offloads:#x}",
+            self.device.tap.if_name(),
+            self.device.features
+        );
+        if let Err(e) = self.device.tap.set_offload(offloads) {
             // The guest still works; the kernel just cannot pass it offloaded frames.
             log::warn!("vhost-user-net: {e}");
         }

@@ -8,7 +8,9 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{Driver, Served, DATA};
+use std::os::fd::AsRawFd;
+
+use super::{poll_in, Driver, Ring, Served, Start, DATA};
 use crate::backend::{BackendError, BlkConfig, BlkDevice};
 use crate::virtio::block::config::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use crate::virtio::block::CONFIG_SPACE_SIZE;
@@ -237,4 +239,79 @@ fn bad_configurations_are_refused() {
     .err()
     .unwrap();
     assert!(err.to_string().contains("read-only"), "{err}");
+}
+
+/// Writes a request header for `kind` at `sector` into guest memory at `at`.
+fn header(d: &Ring, at: u64, kind: u32, sector: u64) {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&kind.to_le_bytes());
+    header[8..].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&header, GuestAddress(at)).unwrap();
+}
+
+/// A backend that starts on a ring a killed backend left behind (the frontend resumes from the
+/// used index): it must announce the completions the dead one put in the used ring (the driver
+/// may be waiting for their interrupt), and serve a request the dead one had taken but not
+/// completed without a kick (the driver will not kick again for it).
+#[test]
+fn a_restarted_backend_announces_old_completions_and_serves_taken_requests() {
+    let mut file = image();
+    let served = Served::start(device(&file, false, None), 2);
+
+    // Everything was completed, nothing announced.
+    let completed = |ring: &mut Ring| {
+        header(ring, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+        let head = ring.add(&[(HEADER, 16, false), (STATUS, 1, true)]);
+        ring.want_interrupt();
+        ring.complete(head, 1);
+        1
+    };
+    let start = Start {
+        prepare: Some(&completed),
+        ..Start::default()
+    };
+    let d = Driver::connect_with(&served.socket, 1, u64::MAX, start);
+    assert!(
+        poll_in(d.rings[0].call.as_raw_fd(), 5000),
+        "no interrupt for the completion the dead backend left"
+    );
+    assert_eq!(d.rings[0].used_idx(), 1);
+    drop(d);
+
+    // One completed, then a write of sector 5 taken but not completed.
+    let taken = |ring: &mut Ring| {
+        header(ring, HEADER, VIRTIO_BLK_T_FLUSH, 0);
+        let head = ring.add(&[(HEADER, 16, false), (STATUS, 1, true)]);
+        ring.complete(head, 1);
+        header(ring, HEADER + 0x100, VIRTIO_BLK_T_OUT, 5);
+        ring.mem
+            .write_slice(&[0x77; 512], GuestAddress(BUF))
+            .unwrap();
+        ring.mem
+            .write_obj(0xffu8, GuestAddress(STATUS + 1))
+            .unwrap();
+        ring.add(&[
+            (HEADER + 0x100, 16, false),
+            (BUF, 512, false),
+            (STATUS + 1, 1, true),
+        ]);
+        ring.want_interrupt();
+        1
+    };
+    let start = Start {
+        prepare: Some(&taken),
+        ..Start::default()
+    };
+    let d = Driver::connect_with(&served.socket, 1, u64::MAX, start);
+    d.rings[0].wait_used(2);
+    // The taken request: its chain starts at descriptor 2, after the completed one.
+    assert_eq!(d.rings[0].used(1).0, 2);
+    assert_eq!(d.mem.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), OK);
+    let mut sector = [0u8; 512];
+    file.seek(SeekFrom::Start(5 * 512)).unwrap();
+    file.read_exact(&mut sector).unwrap();
+    assert_eq!(sector, [0x77; 512]);
+    drop(d);
+    let (_, results) = served.finish();
+    assert!(matches!(results[..], [Ok(()), Ok(())]), "{results:?}");
 }

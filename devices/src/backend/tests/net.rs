@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{Driver, Served, DATA};
+use super::{Driver, Served, Start, DATA};
 use crate::backend::{BackendError, NetDevice};
 use crate::virtio::net::testutil::{eth_frame, tun_available, with_hdr, TestTap};
 use crate::virtio::net::{Tap, CONFIG_LEN};
@@ -23,10 +23,14 @@ fn device(t: &TestTap, mac: Option<[u8; 6]>) -> NetDevice {
     NetDevice::new(Tap::from_fd(t.tap_fd_dup()).unwrap(), mac).unwrap()
 }
 
-fn moves_frames_both_ways(wanted: u64) {
+fn moves_frames_both_ways(wanted: u64, enable_early: bool) {
     let t = TestTap::new();
     let served = Served::start(device(&t, Some(MAC)), 1);
-    let mut d = Driver::connect(&served.socket, 2, wanted);
+    let start = Start {
+        enable_early,
+        ..Start::default()
+    };
+    let mut d = Driver::connect_with(&served.socket, 2, wanted, start);
     let config = d.config(CONFIG_LEN as u32);
     assert_eq!(config[..6], MAC);
     assert_eq!(config[6..8], [1, 0]); // link up
@@ -72,14 +76,25 @@ fn moves_frames_both_ways(wanted: u64) {
 #[test]
 fn frames_move_both_ways() {
     if tun_available() {
-        moves_frames_both_ways(u64::MAX);
+        moves_frames_both_ways(u64::MAX, false);
+    }
+}
+
+/// QEMU's order: both rings enabled before SET_FEATURES, and not again afterwards.
+#[test]
+fn frames_move_both_ways_with_rings_enabled_before_the_features() {
+    if tun_available() {
+        moves_frames_both_ways(u64::MAX, true);
     }
 }
 
 #[test]
 fn frames_move_both_ways_without_event_idx_or_mergeable_buffers() {
     if tun_available() {
-        moves_frames_both_ways(!(VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF));
+        moves_frames_both_ways(
+            !(VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_NET_F_MRG_RXBUF),
+            false,
+        );
     }
 }
 
