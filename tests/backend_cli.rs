@@ -43,6 +43,14 @@ impl Drop for Backend {
             let _ = self.0.kill();
             let _ = self.0.wait();
         }
+        // A failed test shows what the backend said.
+        if std::thread::panicking() {
+            let mut stderr = String::new();
+            if let Some(pipe) = self.0.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(pipe, &mut stderr);
+            }
+            eprintln!("--- backend stderr ---\n{stderr}");
+        }
     }
 }
 
