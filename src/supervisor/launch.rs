@@ -193,6 +193,8 @@ pub fn spawn_mvmm(
     cmd.arg("--config")
         .arg(format!("/proc/self/fd/{}", memfd.as_raw_fd()))
         .args(extra_args)
+        // systemd's notify socket is the supervisor's alone (NotifyAccess=main).
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null());
     if let Some(user) = user {
         // With a uid to set, std also drops all supplementary groups (setgroups(0)).

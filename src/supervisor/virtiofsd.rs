@@ -69,7 +69,9 @@ impl Daemon {
             source,
         })?;
         let mut cmd = Command::new(&self.spec.program);
-        cmd.args(&self.spec.args).stdin(Stdio::null());
+        cmd.args(&self.spec.args)
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null());
         super::launch::tie_to_supervisor(&mut cmd);
         let child = cmd.spawn().map_err(|source| VirtiofsdError::Spawn {
             tag: self.spec.tag.clone(),
