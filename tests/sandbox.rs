@@ -187,21 +187,26 @@ fn a_forbidden_call_in_any_vm_thread_kind_exits_3_naming_thread_and_call() {
 fn a_forbidden_call_in_a_backend_exits_3() {
     let vm = VmDir::new();
     std::fs::write(vm.path("disk.img"), vec![0u8; 1 << 20]).unwrap();
-    let sock = vm.path("blk.sock");
-    let disk = vm.path("disk.img");
-    let mut cmd = Command::new(mvmm_bin());
-    cmd.args(["backend", "blk", "--socket"])
-        .arg(&sock)
+    let mut blk = Command::new(mvmm_bin());
+    blk.args(["backend", "blk", "--socket"])
+        .arg(vm.path("blk.sock"))
         .arg("--path")
-        .arg(&disk)
-        .env("MVMM_SECCOMP_TEST_VIOLATION", "backend-blk");
-    let out = Watched::spawn(cmd).finish(TIMEOUT);
-    assert_eq!(out.code(), Some(3), "{}", out.dump());
-    assert!(
-        out.stderr.contains("mvmm: seccomp: thread backend-blk"),
-        "{}",
-        out.dump()
-    );
+        .arg(vm.path("disk.img"));
+    // The tap is created by the backend and disappears with it.
+    let mut net = Command::new(mvmm_bin());
+    net.args(["backend", "net", "--tap", "mvsbx2", "--socket"])
+        .arg(vm.path("net.sock"));
+    for (kind, mut cmd) in [("backend-blk", blk), ("backend-net", net)] {
+        cmd.env("MVMM_SECCOMP_TEST_VIOLATION", kind);
+        let out = Watched::spawn(cmd).finish(TIMEOUT);
+        assert_eq!(out.code(), Some(3), "{kind}: {}", out.dump());
+        assert!(
+            out.stderr
+                .contains(&format!("mvmm: seccomp: thread {kind} (")),
+            "{kind}: {}",
+            out.dump()
+        );
+    }
 }
 
 #[test]
