@@ -41,46 +41,14 @@ fn ctl(socket: &Path, command: &str) -> Ctl {
     }
 }
 
-/// A running VM, killed if the test fails before it ends (a guest waiting for the power
-/// button would otherwise outlive the test).
-struct Vm(Option<Watched>);
-
-impl Vm {
-    fn finish(mut self, timeout: Duration) -> RunOutput {
-        self.0.take().expect("running").finish(timeout)
-    }
-}
-
-impl std::ops::Deref for Vm {
-    type Target = Watched;
-    fn deref(&self) -> &Watched {
-        self.0.as_ref().expect("running")
-    }
-}
-
-impl std::ops::DerefMut for Vm {
-    fn deref_mut(&mut self) -> &mut Watched {
-        self.0.as_mut().expect("running")
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(vm) = &mut self.0 {
-            let _ = vm.child.kill();
-            let _ = vm.child.wait();
-        }
-    }
-}
-
-fn start(config: &Path) -> Vm {
+fn start(config: &Path) -> Watched {
     let mut cmd = Command::new(mvmm_bin());
     cmd.args(["--config", config.to_str().unwrap()]);
-    Vm(Some(Watched::spawn(cmd)))
+    Watched::spawn(cmd)
 }
 
 /// A VM with a control socket whose guest waits for the power button, ticking if `tick`.
-fn waiting_vm(vm: &VmDir, tick: bool) -> (Vm, PathBuf) {
+fn waiting_vm(vm: &VmDir, tick: bool) -> (Watched, PathBuf) {
     let socket = vm.path("api.sock");
     let cmdline = if tick {
         "test=shutdown-wait shutdown.tick"
@@ -212,7 +180,7 @@ fn status_shows_the_state_and_every_device() {
 }
 
 /// Ticks printed so far.
-fn ticks(vm: &mut Vm) -> usize {
+fn ticks(vm: &mut Watched) -> usize {
     vm.wait_for(true, "\u{0}never", Duration::from_millis(50));
     vm.stdout.lines().filter(|l| l.starts_with("tick ")).count()
 }

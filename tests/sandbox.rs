@@ -45,16 +45,6 @@ fn mvmm_command(config: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
-/// SIGKILLs a process when the test ends, also on a failed assertion.
-struct KillOnDrop(u32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on a pid; a reaped one is at worst a stale number for a moment.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-    }
-}
-
 /// Name → (Seccomp mode, number of filters) for every thread of `pid`.
 fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
     let mut threads = Vec::new();
@@ -83,7 +73,6 @@ fn every_thread_of_a_vm_using_all_devices_is_filtered() {
     let config = all_devices_config(&vm, "mvsbx0");
     let _virtiofsd = start_virtiofsd(&vm);
     let mut run = Watched::spawn(mvmm_command(&config, &[]));
-    let _kill = KillOnDrop(run.child.id());
     // The guest has used every device (so every worker exists) and now spins.
     assert!(
         run.wait_for(true, "fs: content-hex=", TIMEOUT),
@@ -219,7 +208,6 @@ fn backend_threads_are_filtered_while_serving() {
         .arg("--path")
         .arg(vm.path("disk.img"));
     let mut backend = Watched::spawn(cmd);
-    let _kill = KillOnDrop(backend.child.id());
     assert!(
         backend.wait_for(false, "listening on", TIMEOUT),
         "{}",
@@ -248,7 +236,6 @@ fn no_seccomp_runs_unfiltered_and_warns() {
     let config = VmDir::new();
     let path = config.write_config(&config_json(&testguest("pvh"), 1, 64, "test=hang"));
     let mut run = Watched::spawn(mvmm_command(&path, &["--no-seccomp"]));
-    let _kill = KillOnDrop(run.child.id());
     assert!(
         run.wait_for(true, "testguest: boot=", TIMEOUT),
         "{}",

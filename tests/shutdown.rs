@@ -18,45 +18,13 @@ fn vm_config(vm: &VmDir, cmdline: &str, acpi: bool, grace_secs: u32) -> std::pat
     vm.write_config(&json.to_string())
 }
 
-/// A running VM, killed if the test fails before it ends (a guest waiting for the power
-/// button would otherwise outlive the test).
-struct Vm(Option<Watched>);
-
-impl Vm {
-    fn finish(mut self, timeout: Duration) -> RunOutput {
-        self.0.take().expect("running").finish(timeout)
-    }
-}
-
-impl std::ops::Deref for Vm {
-    type Target = Watched;
-    fn deref(&self) -> &Watched {
-        self.0.as_ref().expect("running")
-    }
-}
-
-impl std::ops::DerefMut for Vm {
-    fn deref_mut(&mut self) -> &mut Watched {
-        self.0.as_mut().expect("running")
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(vm) = &mut self.0 {
-            let _ = vm.child.kill();
-            let _ = vm.child.wait();
-        }
-    }
-}
-
-fn start(config: &std::path::Path) -> Vm {
+fn start(config: &std::path::Path) -> Watched {
     let mut cmd = Command::new(mvmm_bin());
     cmd.args(["--config", config.to_str().unwrap()]);
-    Vm(Some(Watched::spawn(cmd)))
+    Watched::spawn(cmd)
 }
 
-fn signal(vm: &Vm, sig: libc::c_int) {
+fn signal(vm: &Watched, sig: libc::c_int) {
     // SAFETY: signalling our own child process.
     assert_eq!(unsafe { libc::kill(vm.child.id() as libc::pid_t, sig) }, 0);
 }
@@ -137,7 +105,7 @@ fn sigint_is_graceful_too() {
 }
 
 /// A guest that ignores the button (`test=hang`: interrupts off, halted).
-fn hanging_guest(acpi: bool, grace_secs: u32) -> Vm {
+fn hanging_guest(acpi: bool, grace_secs: u32) -> Watched {
     let vm = VmDir::new();
     let mut running = start(&vm_config(&vm, "test=hang", acpi, grace_secs));
     assert!(

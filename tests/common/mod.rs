@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod linux_guest;
+pub mod netns;
 pub mod virtiofsd;
 
 use std::io::Read;
@@ -206,7 +207,8 @@ pub fn line_value<'a>(stdout: &'a str, prefix: &str) -> Option<&'a str> {
     stdout.lines().find_map(|l| l.strip_prefix(prefix))
 }
 
-/// A running mvmm whose stdout and stderr are read line by line as they come.
+/// A running mvmm whose stdout and stderr are read line by line as they come. Killed when
+/// dropped while still running (a test that fails must not leave a VM behind).
 pub struct Watched {
     pub child: Child,
     lines: std::sync::mpsc::Receiver<(bool, String)>,
@@ -293,8 +295,8 @@ impl Watched {
         }
         RunOutput {
             status,
-            stdout: self.stdout,
-            stderr: self.stderr,
+            stdout: std::mem::take(&mut self.stdout),
+            stderr: std::mem::take(&mut self.stderr),
             elapsed: start.elapsed(),
         }
     }
@@ -304,5 +306,14 @@ impl Watched {
             "--- stdout ---\n{}\n--- stderr ---\n{}",
             self.stdout, self.stderr
         )
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
