@@ -11,8 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "A minimal, fast, sandboxed KVM virtual machine monitor for microVMs",
     after_help = "Exit codes: 0 = the guest shut down or rebooted (or a stop signal ended it), \
                   1 = VMM or guest failure, or a forced stop, 2 = bad command line or config, \
-                  3 = a thread made a system call its seccomp filter forbids.",
-    args_conflicts_with_subcommands = true
+                  3 = a thread made a system call its seccomp filter forbids."
 )]
 pub struct Cli {
     /// Run the VM described by this configuration file (vm.json).

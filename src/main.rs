@@ -40,6 +40,11 @@ fn main() {
 
 fn run(cli: &cli::Cli) -> i32 {
     match (&cli.command, &cli.config) {
+        // Not a clap conflict: that would also refuse global options before a command.
+        (Some(_), Some(_)) => {
+            log::error!("--config runs a VM and cannot be combined with a command (see --help)");
+            EXIT_USAGE
+        }
         (Some(cli::Command::Backend(backend)), _) => backend::run(backend),
         (Some(cli::Command::Ctl(args)), _) => ctl::run(args),
         (Some(cli::Command::Supervise(args)), _) => supervisor::run(cli, args),

@@ -192,3 +192,44 @@ fn help_and_version_exit_0() {
     assert_eq!(out.code(), Some(0), "{}", out.dump());
     assert!(out.stdout.starts_with("mvmm 0."), "{}", out.dump());
 }
+
+#[test]
+fn global_options_work_before_a_command_but_config_does_not_mix_with_one() {
+    // `--log-level` before the command reaches it: ctl then fails to connect (2, naming
+    // the socket), not on the command line.
+    let out = run_mvmm(
+        &[
+            "--log-level",
+            "debug",
+            "ctl",
+            "--socket",
+            "/nonexistent/mvmm.sock",
+            "status",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr.contains("/nonexistent/mvmm.sock"),
+        "{}",
+        out.dump()
+    );
+
+    let out = run_mvmm(
+        &[
+            "--config",
+            "vm.json",
+            "ctl",
+            "--socket",
+            "/nonexistent/mvmm.sock",
+            "status",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.code(), Some(2), "{}", out.dump());
+    assert!(
+        out.stderr.contains("cannot be combined with a command"),
+        "{}",
+        out.dump()
+    );
+}
