@@ -157,38 +157,7 @@ fi
 # --------------------------------------------------------------------------
 # Slow path helpers.
 # --------------------------------------------------------------------------
-can_root() {
-    ((EUID == 0)) || { command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; }
-}
-as_root() {
-    if ((EUID == 0)); then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo -n "$@"
-    else
-        die "root is needed to run '$*' (re-run as root, or run it yourself)"
-    fi
-}
-apt_retry() { # like fetch-kernel.sh: retry while apt/dpkg locks are held
-    local timeout=${MVMM_APT_LOCK_TIMEOUT:-120}
-    [[ $timeout =~ ^[0-9]+$ ]] || die "MVMM_APT_LOCK_TIMEOUT must be a number of seconds"
-    local deadline=$((SECONDS + timeout)) errf rc
-    errf=$(mktemp "${TMPDIR:-/tmp}/build-initramfs-apt.XXXXXX")
-    while :; do
-        rc=0
-        "$@" 2>"$errf" >&2 || rc=$?
-        if ((rc != 0)) &&
-            grep -qE 'Could not get lock|Unable to acquire|Unable to lock|another process using it' "$errf" &&
-            ((SECONDS < deadline)); then
-            log "apt/dpkg lock is held by another process; retrying in 5 s (gives up after ${timeout} s)"
-            sleep 5
-            continue
-        fi
-        cat "$errf" >&2
-        rm -f "$errf"
-        return "$rc"
-    done
-}
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 declare -A TOOL_PKG=(
     [apt-get]=apt [apt-cache]=apt [dpkg-deb]=dpkg [cpio]=cpio [gzip]=gzip [readelf]=binutils
     [sha256sum]=coreutils [flock]=util-linux [find]=findutils [touch]=coreutils [mktemp]=coreutils

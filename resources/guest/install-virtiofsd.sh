@@ -57,43 +57,7 @@ if path=$(find_virtiofsd); then
     exit 0
 fi
 
-as_root() {
-    if ((EUID == 0)); then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo -n "$@"
-    else
-        die "root is needed to run '$*' (re-run as root, or run it yourself)"
-    fi
-}
-
-# Runs an apt command; while it fails because another process holds an
-# apt/dpkg lock, retries every 5 s for up to MVMM_APT_LOCK_TIMEOUT seconds
-# (then gives up: exit 1). Its output goes to stderr; returns its status.
-apt_retry() {
-    local timeout=${MVMM_APT_LOCK_TIMEOUT:-120}
-    [[ $timeout =~ ^[0-9]+$ ]] || die "MVMM_APT_LOCK_TIMEOUT must be a number of seconds"
-    local deadline=$((SECONDS + timeout)) errf rc
-    errf=$(mktemp "${TMPDIR:-/tmp}/install-virtiofsd-apt.XXXXXX")
-    while :; do
-        rc=0
-        "$@" 2>"$errf" >&2 || rc=$?
-        if ((rc != 0)) &&
-            grep -qE 'Could not get lock|Unable to acquire|Unable to lock|another process using it' "$errf"; then
-            if ((SECONDS >= deadline)); then
-                cat "$errf" >&2
-                rm -f "$errf"
-                die "the apt/dpkg lock is still held after ${timeout} s (MVMM_APT_LOCK_TIMEOUT)"
-            fi
-            log "apt/dpkg lock is held by another process; retrying in 5 s"
-            sleep $((deadline - SECONDS < 5 ? deadline - SECONDS : 5))
-            continue
-        fi
-        cat "$errf" >&2
-        rm -f "$errf"
-        return "$rc"
-    done
-}
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 pkg_installed() { # <package>
     [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]

@@ -44,47 +44,17 @@ if path=$(found); then
     exit 0
 fi
 
-as_root() {
-    if ((EUID == 0)); then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo -n "$@"
-    else
-        die "root is needed to run '$*' (re-run as root, or install nix-bin yourself)"
-    fi
-}
-
-timeout=${MVMM_APT_LOCK_TIMEOUT:-300}
-[[ $timeout =~ ^[0-9]+$ ]] || die "MVMM_APT_LOCK_TIMEOUT must be a number of seconds"
-deadline=$((SECONDS + timeout))
-
-# Runs an apt command; while it fails on a lock someone else holds, waits and retries until the
-# deadline. Its output goes to stderr; returns its status.
-apt_locked_retry() {
-    local out rc
-    while :; do
-        rc=0
-        out=$("$@" 2>&1) || rc=$?
-        printf '%s\n' "$out" >&2
-        if ((rc != 0)) &&
-            grep -qE 'Could not get lock|Unable to acquire|Unable to lock|another process using it' <<<"$out"; then
-            ((SECONDS < deadline)) ||
-                die "the apt/dpkg lock is still held after ${timeout} s (MVMM_APT_LOCK_TIMEOUT)"
-            log "apt/dpkg lock is held by another process; retrying in 5 s"
-            sleep 5
-            continue
-        fi
-        return "$rc"
-    done
-}
+# A fresh machine's first apt run can wait long for unattended upgrades: 300 s here.
+export MVMM_APT_LOCK_TIMEOUT=${MVMM_APT_LOCK_TIMEOUT:-300}
+source "$(dirname "${BASH_SOURCE[0]}")/../guest/apt.sh"
 
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found; install Nix (nix-instantiate) yourself"
 install() { as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nix-bin; }
 log "installing nix-bin with apt-get"
-if ! apt_locked_retry install; then
+if ! apt_retry install; then
     log "apt-get install failed; running apt-get update and trying again"
-    apt_locked_retry as_root apt-get update -q || die "apt-get update failed"
-    apt_locked_retry install || die "apt-get install nix-bin failed"
+    apt_retry as_root apt-get update -q || die "apt-get update failed"
+    apt_retry install || die "apt-get install nix-bin failed"
 fi
 
 path=$(found) || die "nix-bin was installed but 'nix-instantiate --version' does not work"
