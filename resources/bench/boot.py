@@ -112,18 +112,44 @@ def run_once(argv, workdir, launcher=False):
             "stderr": stderr}
 
 
-def mvmm_argv(image, mem_mib, workdir):
-    cfg = {"kernel": {"path": str(image), "cmdline": CMDLINE},
+def mvmm_argv(image, mem_mib, workdir, cmdline=CMDLINE):
+    cfg = {"kernel": {"path": str(image), "cmdline": cmdline},
            "machine": {"vcpus": 1, "memory_mib": mem_mib}, "serial": {"mode": "stdout"}}
-    path = Path(workdir) / "vm.json"
+    path = Path(workdir) / ("vm.json" if cmdline == CMDLINE else "vm-steady.json")
     path.write_text(json.dumps(cfg))
     return [str(REPO / "target/release/mvmm"), "--config", str(path), "--log-level", "debug"]
 
 
-def qemu_argv(image, mem_mib, cpu, extra=()):
+def qemu_argv(image, mem_mib, cpu, extra=(), cmdline=CMDLINE):
     return ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", cpu,
             "-m", str(mem_mib), "-smp", "1", "-no-reboot", "-nodefaults", "-nographic",
-            "-serial", "stdio", "-kernel", str(image), "-append", CMDLINE, *extra]
+            "-serial", "stdio", "-kernel", str(image), "-append", cmdline, *extra]
+
+
+STEADY_CMDLINE = "console=ttyS0 test=hang"
+STEADY_RUNS = 5
+
+
+def steady_memory(argv):
+    """Memory of a running VM (the guest spins after booting), 1 s after start, from /proc:
+    private anonymous memory (the VMM's heap, stacks and the guest pages it touched) and
+    file-backed pages (the binary and its libraries, shared by every VM on a host). Medians
+    of STEADY_RUNS runs, in KiB."""
+    samples = []
+    for _ in range(STEADY_RUNS):
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1)
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
+        finally:
+            p.kill()
+            p.wait()
+        field = lambda text, name: int(re.search(rf"^{name}:\s+(\d+) kB", text, re.M).group(1))
+        samples.append((field(status, "RssAnon"), field(status, "RssFile"),
+                        field(rollup, "Pss")))
+    return [statistics.median(s[i] for s in samples) for i in range(3)]
 
 
 def probe_qemu_cpu(image, mem_mib, workdir):
@@ -239,6 +265,10 @@ def main():
                 results[name].append(run_once(vmms[name], work))
                 results[name].append(run_once(vmms[name], work, launcher))
             log(f"iteration {i + 1}/{a.runs}")
+        steady = {"mvmm": steady_memory(mvmm_argv(image, a.memory_mib, work, STEADY_CMDLINE))}
+        if with_qemu:
+            steady["qemu"] = steady_memory(qemu_argv(image, a.memory_mib, cpu,
+                                                     cmdline=STEADY_CMDLINE))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -269,6 +299,16 @@ def main():
                         "met": v < 3})
 
     print(table(rows), file=out)
+    print(f"\nrunning VM ({STEADY_CMDLINE!r}, 1 s after start, median of {STEADY_RUNS}; MiB):",
+          file=out)
+    print(f"{'VMM':<10} {'private anon':>12} {'file-backed':>12} {'PSS':>8}", file=out)
+    for name, (anon, file_kib, pss) in steady.items():
+        print(f"{name:<10} {anon / 1024:>12.2f} {file_kib / 1024:>12.2f} {pss / 1024:>8.2f}",
+              file=out)
+    if "qemu" in steady:
+        m, q = steady["mvmm"], steady["qemu"]
+        print(f"{'mvmm/qemu':<10} {m[0] / q[0]:>12.3f} {m[1] / q[1]:>12.3f} {m[2] / q[2]:>8.3f}",
+              file=out)
     for n in notes:
         print("note: " + n, file=out)
     for t in targets:
