@@ -104,6 +104,7 @@ fn blk_device(args: &BlkBackendArgs) -> Result<BlkDevice, SetupError> {
         serial: args.serial.clone(),
         direct: args.direct,
     })
+    .map(|device| device.with_poll(std::time::Duration::from_micros(args.poll_us)))
     .map_err(|source| SetupError::Disk {
         path: args.path.clone(),
         source,

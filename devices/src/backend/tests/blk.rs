@@ -1,6 +1,7 @@
 //! `BlkDevice` served to an in-process frontend.
 
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -314,4 +315,50 @@ fn a_restarted_backend_announces_old_completions_and_serves_taken_requests() {
     drop(d);
     let (_, results) = served.finish();
     assert!(matches!(results[..], [Ok(()), Ok(())]), "{results:?}");
+}
+
+/// Makes one GET_ID request available without kicking; true if the backend completes it
+/// within `wait`.
+fn served_without_a_kick(d: &mut Driver, wait: Duration) -> bool {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&VIRTIO_BLK_T_GET_ID.to_le_bytes());
+    d.mem.write_slice(&header, GuestAddress(HEADER)).unwrap();
+    let ring = &mut d.rings[0];
+    let before = ring.used_idx();
+    ring.want_interrupt();
+    ring.add(&[(HEADER, 16, false), (BUF, 20, true), (STATUS, 1, true)]);
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        if ring.used_idx() != before {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn a_polling_backend_serves_the_next_request_without_a_kick() {
+    let file = image();
+    // Polls long enough that the test's request surely lands inside the window.
+    let served = Served::start(
+        device(&file, false, None).with_poll(Duration::from_millis(500)),
+        1,
+    );
+    let mut d = Driver::connect(&served.socket, 1, u64::MAX);
+    assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 0, Some((512, true))).0, OK);
+    assert!(served_without_a_kick(&mut d, Duration::from_millis(400)));
+    drop(d);
+    served.finish();
+
+    // Without polling, the same request waits for its kick.
+    let served = Served::start(device(&file, false, None), 1);
+    let mut d = Driver::connect(&served.socket, 1, u64::MAX);
+    assert_eq!(request(&mut d, VIRTIO_BLK_T_IN, 0, Some((512, true))).0, OK);
+    assert!(!served_without_a_kick(&mut d, Duration::from_millis(300)));
+    let before = d.rings[0].used_idx();
+    d.rings[0].kick();
+    d.rings[0].wait_used(before.wrapping_add(1));
+    drop(d);
+    served.finish();
 }
