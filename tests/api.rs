@@ -286,6 +286,10 @@ fn a_stale_socket_file_is_replaced() {
     let vm = VmDir::new();
     // Left behind by a VM that was killed.
     drop(std::os::unix::net::UnixListener::bind(vm.path("api.sock")).unwrap());
+    // A child forked by a parallel test may hold that listener until it execs.
+    while std::os::unix::net::UnixStream::connect(vm.path("api.sock")).is_ok() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (running, socket) = waiting_vm(&vm, false);
     assert_eq!(ctl(&socket, "status").json()["state"], "running");
     assert_eq!(ctl(&socket, "shutdown").code, Some(0));

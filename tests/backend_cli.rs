@@ -308,6 +308,11 @@ fn persistent_blk_serves_frontend_after_frontend_and_stops_on_sigterm() {
     let d = disk();
     // An old socket file is replaced.
     drop(std::os::unix::net::UnixListener::bind(&d.socket).unwrap());
+    // A child that a parallel test forked just then holds the old listener until it execs;
+    // a frontend connecting to it would be reset when that happens. Wait until it is gone.
+    while std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let mut child = spawn(&[
         "backend",
         "blk",

@@ -233,9 +233,9 @@ impl<D: Device> Server<D> {
         };
         let backend = Arc::new(Mutex::new(device.into_backend(exit)));
         let result = self.run_daemon(&backend);
-        // The daemon and its threads are gone: take the device back for the next frontend.
-        let backend = Arc::try_unwrap(backend)
-            .map_err(|_| BackendError::DeviceLost)?
+        // The daemon is gone; its threads drop their references as they finish. Take the
+        // device back for the next frontend.
+        let backend = reclaim(backend)?
             .into_inner()
             .unwrap_or_else(PoisonError::into_inner);
         let (device, exit) = D::from_backend(backend);
@@ -343,6 +343,22 @@ impl QueueWarnings {
             log::warn!(
                 "vhost-user-{kind}: {what} (further queue errors are logged at debug level)"
             );
+        }
+    }
+}
+
+/// The sole owner of `shared` once every other holder has dropped it: a daemon thread that is
+/// still unwinding its stack may hold a reference for a moment after the daemon is gone.
+fn reclaim<T>(mut shared: Arc<T>) -> Result<T, BackendError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match Arc::try_unwrap(shared) {
+            Ok(owned) => return Ok(owned),
+            Err(still_shared) if std::time::Instant::now() < deadline => {
+                shared = still_shared;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(_) => return Err(BackendError::DeviceLost),
         }
     }
 }
