@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # install-nix.sh - make sure nix-instantiate (Debian's nix-bin) is installed, for the
-# evaluation tests of the microvm.nix runner in resources/nix/ (tests/packaging.rs).
+# evaluation tests of the microvm.nix runner in resources/nix/ (tests/packaging_nix.rs).
 #
 # If nix-instantiate already works, nothing is done. Otherwise `apt-get install nix-bin`
 # (as root, or through password-less sudo), retrying while another process holds the apt/dpkg

@@ -2,7 +2,7 @@
 # systemd unit lib/systemd/system/mvmm@.service, whose ExecStart points into the package and
 # names nixpkgs' virtiofsd for the supervisor (a NixOS unit's PATH has no virtiofsd).
 #
-# Not built by this repository's CI (no nixpkgs offline there); tests/packaging.rs only parses
+# Not built by this repository's CI (no nixpkgs offline there); tests/packaging_nix.rs only parses
 # it. The tests boot VMs (/dev/kvm) and install Debian packages, so they are not run here:
 # resources/test-all.sh runs them.
 { lib, rustPlatform, virtiofsd }:

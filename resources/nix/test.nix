@@ -2,13 +2,13 @@
 # microvm.nix's `microvmConfig`, so it can be checked offline with nothing but nix-instantiate:
 #
 #   nix-instantiate --store dummy:// --eval --strict --json resources/nix/test.nix --arg case null
-#       the results tests/packaging.rs compares with test.expected.json
+#       the results tests/packaging_nix.rs compares with test.expected.json
 #   ... --argstr case <name>
 #       one case alone; the `rejects` cases fail with the runner's message
 #   ... --argstr case boot --argstr bootDir D --argstr storeDir S --argstr mvmmPackage P
 #       the runner package of a VM whose files are under D (vmlinux, initrd, store.img,
 #       journal/), with its stand-in store paths under S and P/bin/mvmm as mvmm:
-#       tests/packaging.rs writes the files, runs the package's build script and boots the test
+#       tests/packaging_nix.rs writes the files, runs the package's build script and boots the test
 #       guest with its bin/microvm-run. Case `hang` is the same VM with a guest that hangs, for
 #       bin/microvm-shutdown.
 #
@@ -128,7 +128,7 @@ let
   webRunner = runner web;
   webPackage = package web;
 
-  # A runner package as tests/packaging.rs builds it: the files of its inputs (text and mode),
+  # A runner package as tests/packaging_nix.rs builds it: the files of its inputs (text and mode),
   # then its build script with $out set.
   buildPlan = microvmConfig:
     let
