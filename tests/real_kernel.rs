@@ -158,10 +158,8 @@ fn boot_debian_kernel(kernel: &std::path::Path, label: &str, boot_timeout: Durat
 
     // Stop it: SIGTERM must end the process within 5 s.
     // SAFETY: signalling our own child process.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let sent = Instant::now();
     let out = wait_with_timeout(child, Duration::from_secs(10));
     let stop_time = sent.elapsed();

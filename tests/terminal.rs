@@ -65,10 +65,8 @@ fn terminal_is_raw_while_running_and_restored_after_sigterm() {
     assert_eq!(lflag(&slave) & libc::ECHO, 0);
 
     // SAFETY: signalling our own child.
-    assert_eq!(
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let out = wait_with_timeout(child, Duration::from_secs(10));
     assert_eq!(out.code(), Some(0), "{}", out.dump());
     assert_eq!(lflag(&slave), before, "terminal settings not restored");

@@ -157,12 +157,14 @@ fn create_block(
 /// Turns on O_DIRECT for an inherited disk descriptor opened without it.
 fn set_direct(file: &std::fs::File) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; results are checked.
+    // SAFETY: F_GETFL on a descriptor we own; the result is checked.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-    // SAFETY: as above; O_DIRECT is one of the flags F_SETFL may change on Linux.
-    if flags < 0
-        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) } < 0
-    {
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on the same descriptor; O_DIRECT is one of the flags it may change.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_DIRECT) };
+    if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

@@ -36,10 +36,8 @@ impl NetNs {
         std::thread::spawn(move || {
             let file = File::open(path).unwrap();
             // SAFETY: setns on a namespace fd we hold; it changes this thread's namespace only.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
     }
