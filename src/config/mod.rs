@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use devices::{
-    DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
+    parse_mac, DiskConfig, NetConfig, ShareConfig, DEFAULT_CONNECT_TIMEOUT_SECS, MAX_QUEUE_SIZE,
 };
 pub use error::ConfigError;
 pub use fd::{parse_fd, FD_PREFIX};
