@@ -115,7 +115,6 @@ impl Device for BlkDevice {
             mem: BackendMemory::new(vm_memory::GuestMemoryMmap::new()),
             exit,
             warnings: QueueWarnings::default(),
-            worker_ready: false,
         }
     }
 
@@ -130,8 +129,6 @@ pub struct BlkBackend {
     mem: BackendMemory,
     exit: ExitEvent,
     warnings: QueueWarnings,
-    /// The vring worker has handled its first event (and set up its seccomp filter).
-    worker_ready: bool,
 }
 
 impl BlkBackend {
@@ -268,11 +265,6 @@ impl VhostUserBackendMut for BlkBackend {
         vrings: &[BackendVring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if !self.worker_ready {
-            // seccomp: install the blk vring-worker filter here (first event on this thread;
-            // the syscalls are listed in this module's documentation).
-            self.worker_ready = true;
-        }
         match (device_event, vrings.first()) {
             (REQUEST_QUEUE, Some(vring)) => self.serve_queue(vring),
             _ => log::debug!("vhost-user-blk: ignoring event {device_event}"),

@@ -35,8 +35,8 @@
 //!   `madvise`, `exit`;
 //! - the vring worker (`vring_worker`, created by the crate): `epoll_wait`, `read` of kick
 //!   eventfds, `write` of call eventfds, plus the device's own I/O, listed in [`blk`] and
-//!   [`net`]. Each backend's `handle_event` marks the one place where this thread narrows its
-//!   filter further, on its first event.
+//!   [`net`]. All three run under the one filter of the backend's kind
+//!   (`resources/seccomp/backend-<kind>.json` in the mvmm package).
 //!
 //! All of them may `write` log lines to stderr.
 //!

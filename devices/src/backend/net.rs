@@ -130,7 +130,6 @@ impl Device for NetDevice {
             tx_blocked: false,
             tx_more: false,
             warnings: QueueWarnings::default(),
-            worker_ready: false,
         }
     }
 
@@ -184,8 +183,6 @@ pub struct NetBackend {
     /// The transmit budget ran out with chains left.
     tx_more: bool,
     warnings: QueueWarnings,
-    /// The vring worker has handled its first event (and set up its seccomp filter).
-    worker_ready: bool,
 }
 
 /// A vring's queue if the ring is started and enabled.
@@ -471,11 +468,6 @@ impl VhostUserBackendMut for NetBackend {
         vrings: &[BackendVring],
         _thread_id: usize,
     ) -> io::Result<()> {
-        if !self.worker_ready {
-            // seccomp: install the net vring-worker filter here (first event on this thread;
-            // the syscalls are listed in this module's documentation).
-            self.worker_ready = true;
-        }
         #[cfg(test)]
         self.device
             .wakeups
