@@ -16,20 +16,7 @@ use common::virtiofsd::{self, Virtiofsd};
 use common::*;
 use serde_json::Value;
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(REPO).join(path)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// nix-instantiate, installed once (Debian's nix-bin) by resources/nix/install-nix.sh.
 fn nix_instantiate() -> &'static Path {

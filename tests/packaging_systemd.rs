@@ -5,26 +5,13 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const UNIT: &str = "resources/systemd/mvmm@.service";
 /// The binary path the shipped unit names; tests point it at the built binary instead.
 const UNIT_BIN: &str = "/usr/local/bin/mvmm";
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(REPO).join(path)
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// The unit as `mvmm@test.service` in `dir`, with `edit` applied and ExecStart naming the built
 /// binary.

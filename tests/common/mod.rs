@@ -12,6 +12,20 @@ use std::time::{Duration, Instant};
 
 pub const MIB: u64 = 1 << 20;
 
+/// A path in the repository.
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A command's stdout then stderr, for assertion messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 pub fn mvmm_bin() -> &'static str {
     env!("CARGO_BIN_EXE_mvmm")
 }
