@@ -45,6 +45,34 @@ fn mvmm_command(config: &Path, extra: &[&str]) -> Command {
     cmd
 }
 
+/// `mvmm backend blk` on a 1 MiB disk.img in `vm`, socket blk.sock.
+fn blk_backend(vm: &VmDir) -> Command {
+    std::fs::write(vm.path("disk.img"), vec![0u8; 1 << 20]).unwrap();
+    let mut cmd = Command::new(mvmm_bin());
+    cmd.args(["backend", "blk", "--socket"])
+        .arg(vm.path("blk.sock"))
+        .arg("--path")
+        .arg(vm.path("disk.img"));
+    cmd
+}
+
+/// The threads of `pid` once `settled` holds for them, or as they are after 5 s. A device
+/// thread names and filters itself right after it is created, which can lag on a loaded host.
+fn settled_threads(
+    pid: u32,
+    settled: impl Fn(&[(String, u32, u32)]) -> bool,
+) -> Vec<(String, u32, u32)> {
+    let mut threads = thread_seccomp(pid);
+    for _ in 0..250 {
+        if settled(&threads) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        threads = thread_seccomp(pid);
+    }
+    threads
+}
+
 /// Name → (Seccomp mode, number of filters) for every thread of `pid`.
 fn thread_seccomp(pid: u32) -> Vec<(String, u32, u32)> {
     let mut threads = Vec::new();
@@ -89,33 +117,20 @@ fn every_thread_of_a_vm_using_all_devices_is_filtered() {
         "vhu-sbx",
         "net-mvsbx0",
     ];
-    let mut threads = thread_seccomp(run.child.id());
-    for _ in 0..250 {
-        let started = expected
+    let threads = settled_threads(run.child.id(), |threads| {
+        expected
             .iter()
             .all(|e| threads.iter().any(|(n, _, _)| n == e))
             && threads
                 .iter()
                 .filter(|(n, _, _)| n == "thread-starter")
                 .count()
-                == 1;
-        if started {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        threads = thread_seccomp(run.child.id());
-    }
+                == 1
+    });
     let _ = run.child.kill();
     let out = run.finish(TIMEOUT);
     let names: Vec<&str> = threads.iter().map(|(n, _, _)| n.as_str()).collect();
-    for expected in [
-        "mvmm",
-        "vcpu0",
-        "vcpu1",
-        "thread-starter",
-        "vhu-sbx",
-        "net-mvsbx0",
-    ] {
+    for expected in expected {
         assert!(
             names.contains(&expected),
             "{expected} missing in {threads:?}"
@@ -175,12 +190,7 @@ fn a_forbidden_call_in_any_vm_thread_kind_exits_3_naming_thread_and_call() {
 #[test]
 fn a_forbidden_call_in_a_backend_exits_3() {
     let vm = VmDir::new();
-    std::fs::write(vm.path("disk.img"), vec![0u8; 1 << 20]).unwrap();
-    let mut blk = Command::new(mvmm_bin());
-    blk.args(["backend", "blk", "--socket"])
-        .arg(vm.path("blk.sock"))
-        .arg("--path")
-        .arg(vm.path("disk.img"));
+    let blk = blk_backend(&vm);
     // The tap is created by the backend and disappears with it.
     let mut net = Command::new(mvmm_bin());
     net.args(["backend", "net", "--tap", "mvsbx2", "--socket"])
@@ -201,13 +211,7 @@ fn a_forbidden_call_in_a_backend_exits_3() {
 #[test]
 fn backend_threads_are_filtered_while_serving() {
     let vm = VmDir::new();
-    std::fs::write(vm.path("disk.img"), vec![0u8; 1 << 20]).unwrap();
-    let mut cmd = Command::new(mvmm_bin());
-    cmd.args(["backend", "blk", "--socket"])
-        .arg(vm.path("blk.sock"))
-        .arg("--path")
-        .arg(vm.path("disk.img"));
-    let mut backend = Watched::spawn(cmd);
+    let mut backend = Watched::spawn(blk_backend(&vm));
     assert!(
         backend.wait_for(false, "listening on", TIMEOUT),
         "{}",
@@ -215,14 +219,9 @@ fn backend_threads_are_filtered_while_serving() {
     );
     // The serving thread starts and filters itself right after the log line; the main thread
     // filters itself right after starting it.
-    let mut threads = thread_seccomp(backend.child.id());
-    for _ in 0..100 {
-        if threads.len() >= 2 && threads.iter().all(|(_, mode, _)| *mode == 2) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        threads = thread_seccomp(backend.child.id());
-    }
+    let threads = settled_threads(backend.child.id(), |threads| {
+        threads.len() >= 2 && threads.iter().all(|(_, mode, _)| *mode == 2)
+    });
     let _ = backend.child.kill();
     backend.finish(TIMEOUT);
     assert!(threads.len() >= 2, "{threads:?}");
